@@ -1,0 +1,1 @@
+"""Full-image mode: PEFT (LoRA / DoRA through ``peft``) and ExPLoRA domain adaptation."""

@@ -1,0 +1,1 @@
+"""The main job a user runs: Optuna sweeps, deployable bundles, ``predict`` and the demo."""
