@@ -1,0 +1,110 @@
+"""Friendly Sharpness-Aware Minimization (F-SAM; Li et al., CVPR 2024) as an optimizer wrapper.
+
+SAM perturbs the weights along the normalised stochastic gradient before taking the gradient it
+actually steps with. F-SAM observes that the *full-gradient* part of that direction does not help
+generalisation, so it estimates the full gradient by an exponential moving average ``m`` of past
+stochastic gradients and perturbs along the remainder ``g - sigma * m`` (the batch-specific noise):
+
+    d_t   = g_t - sigma * m_{t-1}          (first step: d_1 = g_1, i.e. plain SAM)
+    m_t   = lmbda * m_{t-1} + (1 - lmbda) * g_t
+    e_t   = rho * d_t / ||d_t||
+    w    <- w + e_t ; second forward/backward at w + e_t ; w <- w ; base optimizer step.
+
+This is the one F-SAM implementation of the project; the full-image fine-tuning code reuses it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+class FSAM(torch.optim.Optimizer):
+    """F-SAM around any base optimizer class (e.g. ``torch.optim.AdamW``).
+
+    ``FSAM(params, torch.optim.AdamW, rho=0.05, sigma=1.0, lmbda=0.9, lr=1e-3, ...)``: keyword
+    arguments other than rho / sigma / lmbda go to the base optimizer, which shares this object's
+    ``param_groups`` (so setting ``group["lr"]`` here sets it for the base optimizer too).
+
+    Two ways to use it:
+    * ``loss = opt.step(closure)``: ``closure()`` must run forward + backward and return the loss;
+      ``step`` zeroes gradients, calls it at ``w``, perturbs, calls it again at ``w + e``,
+      restores ``w`` and steps the base optimizer. Returns the loss at ``w``.
+    * explicit: gradients at ``w`` are in ``.grad``; ``opt.first_step()``; zero grads; backward at
+      the perturbed point; (optionally clip); ``opt.second_step()``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: Callable[..., torch.optim.Optimizer],
+        rho: float = 0.05,
+        sigma: float = 1.0,
+        lmbda: float = 0.9,
+        **kwargs: Any,
+    ) -> None:
+        if rho < 0:
+            raise ValueError(f"FSAM: rho must be >= 0, got {rho}")
+        if not 0.0 <= lmbda < 1.0:
+            raise ValueError(f"FSAM: lmbda (EMA decay) must be in [0, 1), got {lmbda}")
+        super().__init__(params, dict(rho=rho, sigma=sigma, lmbda=lmbda, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def _params_with_grad(self) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        return [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """Move to ``w + e`` with ``e = rho * d / ||d||``, ``d = g - sigma * m`` (EMA of past g)."""
+        pairs = self._params_with_grad()
+        directions: list[torch.Tensor] = []
+        for group, p in pairs:
+            state = self.state[p]
+            g = p.grad
+            if "grad_ema" not in state:
+                d = g.clone()  # no history yet: the full gradient (plain SAM) on the first step
+                state["grad_ema"] = g.clone()
+            else:
+                m = state["grad_ema"]
+                d = g - group["sigma"] * m
+                m.mul_(group["lmbda"]).add_(g, alpha=1.0 - group["lmbda"])
+            directions.append(d)
+        if not directions:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in directions]))
+        for (group, p), d in zip(pairs, directions):
+            e = d.mul_(group["rho"] / (norm + 1e-12))
+            self.state[p]["old_p"] = p.detach().clone()
+            self.state[p]["e"] = e
+            p.add_(e)
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        """Restore ``w`` (gradients from ``w + e`` stay in ``.grad``) and step the base optimizer."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "old_p" in state:
+                    p.copy_(state.pop("old_p"))
+                    state.pop("e", None)
+        self.base_optimizer.step()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Full two-pass update; ``closure`` runs forward + backward and returns the loss."""
+        if closure is None:
+            raise ValueError("FSAM.step needs a closure that runs forward + backward")
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step()
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups

@@ -1,0 +1,106 @@
+"""F-SAM: the perturbation uses g - sigma * EMA(g) and the update is a correct two-step SAM update."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from heads.optim import FSAM
+
+A = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, -0.3], [0.0, -0.3, 3.0]])
+B = torch.tensor([1.0, -2.0, 0.5])
+
+
+def quad_grad(w: np.ndarray) -> np.ndarray:
+    """Gradient of 0.5 w^T A w - b^T w (A symmetric)."""
+    return A.numpy() @ w - B.numpy()
+
+
+def make(w0: np.ndarray, **kw) -> tuple[torch.nn.Parameter, FSAM]:
+    w = torch.nn.Parameter(torch.tensor(w0, dtype=torch.float32))
+    return w, FSAM([w], torch.optim.SGD, lr=0.1, **kw)
+
+
+def closure_for(w: torch.nn.Parameter, calls: list[np.ndarray]):
+    def closure() -> torch.Tensor:
+        calls.append(w.detach().numpy().copy())
+        loss = 0.5 * w @ A @ w - B @ w
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def reference(w0: np.ndarray, steps: int, rho: float, sigma: float, lmbda: float, lr: float) -> np.ndarray:
+    """F-SAM by hand (numpy): d = g - sigma*m (d = g on step 1), m <- lmbda*m + (1-lmbda)*g."""
+    w, m = w0.astype(np.float64).copy(), None
+    for _ in range(steps):
+        g = quad_grad(w)
+        if m is None:
+            d, m = g.copy(), g.copy()
+        else:
+            d = g - sigma * m
+            m = lmbda * m + (1 - lmbda) * g
+        e = rho * d / (np.linalg.norm(d) + 1e-12)
+        w = w - lr * quad_grad(w + e)  # SGD with the gradient taken at the perturbed point
+    return w
+
+
+@pytest.mark.parametrize("sigma,lmbda", [(1.0, 0.9), (0.5, 0.6), (0.0, 0.9)])
+def test_matches_hand_computed_fsam(sigma: float, lmbda: float) -> None:
+    w0 = np.array([0.3, -1.0, 2.0])
+    w, opt = make(w0, rho=0.2, sigma=sigma, lmbda=lmbda)
+    for _ in range(5):
+        opt.step(closure_for(w, []))
+    np.testing.assert_allclose(w.detach().numpy(), reference(w0, 5, 0.2, sigma, lmbda, 0.1), rtol=1e-5, atol=1e-6)
+
+
+def test_second_pass_is_at_perturbed_point_and_weights_are_restored() -> None:
+    w0 = np.array([0.3, -1.0, 2.0])
+    w, opt = make(w0, rho=0.5)
+    opt.param_groups[0]["lr"] = 0.0  # no base step: weights must come back exactly
+    calls: list[np.ndarray] = []
+    opt.step(closure_for(w, calls))
+    g = quad_grad(w0)
+    np.testing.assert_allclose(calls[0], w0, rtol=1e-6)
+    np.testing.assert_allclose(calls[1], w0 + 0.5 * g / np.linalg.norm(g), rtol=1e-5)
+    np.testing.assert_array_equal(w.detach().numpy(), w0.astype(np.float32))
+
+
+def test_friendly_direction_removes_the_gradient_ema() -> None:
+    """Second step: the perturbation follows g_2 - sigma * m_1 with m_1 = g_1, not g_2."""
+    w0 = np.array([0.3, -1.0, 2.0])
+    w, opt = make(w0, rho=0.1, sigma=1.0, lmbda=0.5)
+    opt.step(closure_for(w, []))
+    w1 = w.detach().numpy().astype(np.float64)
+    calls: list[np.ndarray] = []
+    opt.step(closure_for(w, calls))
+    d = quad_grad(w1) - quad_grad(w0)
+    np.testing.assert_allclose(calls[1] - calls[0], 0.1 * d / np.linalg.norm(d), rtol=1e-4, atol=1e-7)
+    m = opt.state[w]["grad_ema"].numpy()
+    np.testing.assert_allclose(m, 0.5 * quad_grad(w0) + 0.5 * quad_grad(w1), rtol=1e-5)
+
+
+def test_explicit_two_step_api_equals_step_closure() -> None:
+    w0 = np.array([1.0, 0.5, -0.5])
+    wa, opa = make(w0, rho=0.05)
+    wb, opb = make(w0, rho=0.05)
+    for _ in range(3):
+        opa.step(closure_for(wa, []))
+        opb.zero_grad()
+        closure_for(wb, [])()
+        opb.first_step()
+        opb.zero_grad()
+        closure_for(wb, [])()
+        opb.second_step()
+    np.testing.assert_array_equal(wa.detach().numpy(), wb.detach().numpy())
+
+
+def test_base_optimizer_shares_param_groups_and_validates() -> None:
+    w, opt = make(np.zeros(3))
+    opt.param_groups[0]["lr"] = 0.123
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.123
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="rho"):
+        FSAM([w], torch.optim.SGD, rho=-1.0, lr=0.1)
