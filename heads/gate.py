@@ -41,6 +41,7 @@ def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 class GateHead(Head):
     """Classifier with a learned exit gate."""
 
+    HAS_SELECTOR = True
     HPARAMS: dict[str, Any] = {
         "gate_target": "out_of_fold",
         "gate_weight": 1.0,

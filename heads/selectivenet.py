@@ -25,6 +25,7 @@ from .registry import HEADS
 class SelectiveNetHead(Head):
     """f, g, h heads trained for a target coverage c."""
 
+    HAS_SELECTOR = True
     HPARAMS: dict[str, Any] = {
         "coverage": 0.8,
         "lam": 32.0,

@@ -127,6 +127,7 @@ def train_module(
     x_val: torch.Tensor | None = None,
     y_val: torch.Tensor | None = None,
     extras: dict[str, torch.Tensor] | None = None,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
 ) -> TrainResult:
     """Train ``module`` in place on ``x`` [n, D] or [n, V, D] and ``y`` [n]; returns the history.
 
@@ -209,11 +210,15 @@ def train_module(
         result.train_loss.append(float(np.mean(losses)))
         result.epochs_run = epoch + 1
         if xv is None or yv is None:
+            if on_epoch is not None:
+                on_epoch(epoch, result.train_loss[-1], None)
             continue
         logits, select = score_fn(predict_outputs(ema, xv))
         errors = (logits.argmax(1).cpu().numpy() != yv).astype(np.int64)
         obj = selective_objective(cfg.select_metric, select.cpu().numpy().astype(np.float64), errors, cfg.target_risk)
         result.val_objective.append(obj)
+        if on_epoch is not None:
+            on_epoch(epoch, result.train_loss[-1], obj)
         if obj < best - 1e-12:
             best, stale = obj, 0
             result.best_epoch, result.best_objective = epoch, obj
