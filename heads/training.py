@@ -222,6 +222,10 @@ def evaluate_run(run: str | os.PathLike[str], split: str = "test") -> dict[str, 
     out = rundir.eval_dir(run, split)
     out.mkdir(parents=True, exist_ok=True)
     reports.write_metrics(out, metrics)
-    reports.plot_risk_coverage(out / rundir.PLOT_RISK_COVERAGE, y, scores, decision)
-    reports.plot_reliability(out / rundir.PLOT_RELIABILITY, y, decision.p_roadwork)
+    errors = (decision.label.astype(np.int64) != y).astype(np.float64)
+    reports.plot_risk_coverage(out / rundir.PLOT_RISK_COVERAGE, decision.score, errors,
+                               operating_point=(metrics["coverage"], metrics["selective_error"]),
+                               title=f"Risk-coverage: {cfg.get('head')} + {policy.name} ({split})")
+    reports.plot_reliability(out / rundir.PLOT_RELIABILITY, y, decision.p_roadwork,
+                             title=f"Reliability: {cfg.get('head')} + {policy.name} ({split})")
     return metrics

@@ -135,3 +135,43 @@ def test_rundir_scores_roundtrip_and_errors(tmp_path: Path) -> None:
         rundir.update_config(tmp_path / "r", head="gate")
     with pytest.raises(rundir.RunDirError, match="calibrate"):
         rundir.read_policy(tmp_path / "r")
+
+
+def test_evaluate_writes_metrics_and_plots(run: Path, tmp_path: Path) -> None:
+    from policies import policy_from_dict
+    from policies.evaluate import STABLE_KEYS, evaluation_metrics
+
+    code, text = invoke("calibrate", run, "--policy", "threshold", "--threshold", "0.88")
+    assert code == 0, text
+    code, text = invoke("evaluate", run)
+    assert code == 0, text
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(STABLE_KEYS) <= set(m) and m["split"] == "test" and m["policy"] == "threshold"
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[: len(STABLE_KEYS)] == list(STABLE_KEYS)
+    for png in ("risk_coverage.png", "reliability.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scores, y, _, _ = rundir.split_scores(run, "test")
+    policy = policy_from_dict(json.loads((run / "policy.json").read_text()))
+    want = evaluation_metrics(y, scores, policy.decide(scores))
+    assert m["coverage"] == pytest.approx(want["coverage"]) and m["augrc"] == pytest.approx(want["augrc"])
+    assert m["n"] == len(y)
+    code, text = invoke("evaluate", run, "--split", "val_select")
+    assert code == 0 and (run / "eval_val_select" / "metrics.json").exists()
+    empty = tmp_path / "nopolicy"
+    rundir.start_run(empty, {"head": "mlp"})
+    code, text = invoke("evaluate", empty)
+    assert code == 1 and "calibrate" in text
+
+
+def test_selector_heads_calibrate_on_select_by_default(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gate"
+    code, text = invoke("train", store, "--head", "gate", "--out", out, "--epochs", "2", "--hidden", "8",
+                        "--param", "folds=2", "--quiet")
+    assert code == 0, text
+    assert rundir.read_config(out)["head_has_selector"] is True
+    assert json.loads((out / "head.json").read_text())["gate_target"] == "out_of_fold"
+    code, text = invoke("calibrate", out, "--policy", "coverage", "--coverage", "0.7", "--calibrator", "none")
+    assert code == 0, text
+    pol = json.loads((out / "policy.json").read_text())
+    assert pol["params"]["score"] == "select" and pol["params"]["calibrator"] is None
