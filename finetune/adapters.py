@@ -85,9 +85,13 @@ def attach(model: nn.Module, spec: AdapterSpec) -> nn.Module:
         param.requires_grad_(False)
     wrapped = model
     if spec.targets:
+        import warnings
+
         from peft import get_peft_model
 
-        wrapped = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft still calls transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = get_peft_model(model, config)
     for param in unfrozen:
         param.requires_grad_(True)
     return wrapped

@@ -46,14 +46,30 @@ class Runtime:
 
 
 def enable_checkpointing(model: nn.Module, on: bool) -> None:
-    """Turn transformers' gradient checkpointing on or off (non-reentrant: frozen inputs are fine)."""
+    """Turn transformers' activation (gradient) checkpointing on or off, non-reentrant (frozen inputs are fine)."""
     base = base_model(model)
-    if on:
-        if not getattr(base, "supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(base, "supports_gradient_checkpointing", False):
+    supported = getattr(base, "supports_gradient_checkpointing", False)
+    if on and not supported:
+        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing; use --no-grad-checkpointing")
+    if not supported:
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+        if on:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.activation_checkpointing_disable()
+    elif on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
         base.gradient_checkpointing_disable()
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    """Whether activation checkpointing is active on the transformers model under ``model``."""
+    base = base_model(model)
+    flag = getattr(base, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(base, "is_gradient_checkpointing", False))
 
 
 def cls_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
