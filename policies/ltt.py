@@ -7,12 +7,16 @@ Each risk is a ratio of counts, so its p-value is a binomial tail given the numb
 (``policies.pvalues``); a pair with no trials (e.g. no exited positives) gets p = 1, i.e. it is
 never certified and never breaks the procedure.
 
-Family-wise error control at ``delta``:
-- ``fixed_sequence`` (default): one line per t1; along a line t0 goes from strict (inf, nothing
-  exits as 0) to lenient, testing at ``delta / #lines`` and stopping at the first non-rejection
-  (fixed-sequence within a line, Bonferroni across lines). The risks grow as t0 loosens, so the
-  order is fixed in advance and loses little power.
-- ``bonferroni``: every pair at ``delta / #pairs``.
+Family-wise error control at ``delta`` (each a valid FWER procedure for any data):
+- ``fixed_sequence``: one line per t1; along a line t0 goes from strict (inf, nothing exits as 0)
+  to lenient, testing at ``delta / #lines`` and stopping at the first non-rejection (fixed sequence
+  within a line, Bonferroni across lines). Strong when the risk grows as t0 loosens (fnr_exit).
+- ``fallback`` (Wiens 2003): the same lines, but half of a line's budget sits on its first pair and
+  the rest is spread along it; a rejection passes its level on, a failure does not end the line.
+  Robust when the risk is not monotone along t0 (selective error with ``eps``).
+- ``holm``: Holm's step-down Bonferroni over all pairs; ``bonferroni``: every pair at delta/#pairs.
+- ``auto`` (default): decided from the parameters alone, never from the data: ``fixed_sequence`` when
+  every certified risk is monotone along the lines (fnr_exit or miss_rate, no eps), else ``holm``.
 The certified pair of maximum calibration coverage is returned (ties: lower empirical risk, then
 stricter thresholds), so P(risk > alpha) <= delta over the draw of the certification data.
 """
@@ -28,7 +32,8 @@ from policies.base import ExitPolicy
 from policies.pvalues import PVALUES, binomial_pvalue, trials_needed
 
 RISKS = ("fnr_exit", "selective_error", "miss_rate")
-MULTIPLE_TESTING = ("fixed_sequence", "bonferroni")
+MULTIPLE_TESTING = ("auto", "fixed_sequence", "fallback", "holm", "bonferroni")
+MONOTONE_RISKS = ("fnr_exit", "miss_rate")  # non-decreasing in expectation as t0 loosens
 
 
 def default_grid(lo: float) -> np.ndarray:
@@ -60,7 +65,7 @@ class LTTPolicy(ExitPolicy):
         risk: str = "fnr_exit",
         eps: float | None = None,
         pvalue: str = "clopper_pearson",
-        multiple_testing: str = "fixed_sequence",
+        multiple_testing: str = "auto",
         grid: list[float] | int | None = None,
         **base: Any,
     ) -> None:
@@ -131,12 +136,40 @@ class LTTPolicy(ExitPolicy):
         table["p"] = p
         return table
 
+    def procedure(self) -> str:
+        """The multiple-testing procedure in force (``auto`` resolved from the parameters)."""
+        if self.multiple_testing != "auto":
+            return self.multiple_testing
+        return "fixed_sequence" if self.risk in MONOTONE_RISKS and self.eps is None else "holm"
+
     def _valid(self, p: np.ndarray) -> tuple[np.ndarray, float]:
-        if self.multiple_testing == "bonferroni":
+        """Rejected hypotheses (certified pairs) and the smallest per-test level, under FWER <= delta."""
+        m0, lines = p.shape
+        procedure = self.procedure()
+        if procedure == "bonferroni":
             level = self.delta / p.size
             return p <= level, level
-        level = self.delta / p.shape[1]  # one fixed sequence (over t0) per t1 line
-        return np.cumprod(p <= level, axis=0).astype(bool), level
+        if procedure == "holm":
+            order = np.argsort(p, axis=None, kind="stable")
+            ok = p.ravel()[order] <= self.delta / (p.size - np.arange(p.size))
+            n_rej = p.size if ok.all() else int(np.argmin(ok))
+            valid = np.zeros(p.size, dtype=bool)
+            valid[order[:n_rej]] = True
+            return valid.reshape(p.shape), self.delta / p.size
+        budget = self.delta / lines  # Bonferroni across t1 lines
+        if procedure == "fixed_sequence":
+            return np.cumprod(p <= budget, axis=0).astype(bool), budget
+        # fallback (Wiens 2003): half the line's budget on its first hypothesis, the rest spread evenly;
+        # a rejected hypothesis passes its level on, a failure does not end the line
+        w = np.full(m0, 0.5 * budget / max(m0 - 1, 1))
+        w[0] = 0.5 * budget if m0 > 1 else budget
+        valid = np.zeros_like(p, dtype=bool)
+        carry = np.zeros(lines)
+        for i in range(m0):
+            level_i = w[i] + carry
+            valid[i] = p[i] <= level_i
+            carry = np.where(valid[i], level_i, 0.0)
+        return valid, float(w.min())
 
     def _fit_thresholds(self, s: np.ndarray, yhat: np.ndarray, y: np.ndarray) -> None:
         if self.score == "select" and (s.min() < 0.0 or s.max() > 1.0) and self.grid is None:
@@ -154,6 +187,7 @@ class LTTPolicy(ExitPolicy):
             "n_hypotheses": int(tab["p"].size),
             "n_valid": int(valid.sum()),
             "test_level": level,
+            "multiple_testing": self.procedure(),
         }
         if valid.any():
             i, j = self._best(valid, tab["exits"], risk_hat)
@@ -161,7 +195,7 @@ class LTTPolicy(ExitPolicy):
             self.certified = True
             extra = f" and P(selective error > {self.eps:g}) <= {self.delta:g}" if self.eps is not None else ""
             self.reason = (
-                f"LTT ({self.multiple_testing}, {self.pvalue}): P({self.risk} > {self.alpha:g}) <= {self.delta:g}"
+                f"LTT ({self.procedure()}, {self.pvalue}): P({self.risk} > {self.alpha:g}) <= {self.delta:g}"
                 f"{extra}; certified pair of maximum calibration coverage {tab['exits'][i, j] / n:.4f}"
             )
             self.summary.update(p_value=float(tab["p"][i, j]), calib_risk_hat=float(risk_hat[i, j]))

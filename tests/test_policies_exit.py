@@ -154,6 +154,7 @@ def test_ltt_bonferroni_equals_mapie(data):
 def test_ltt_fixed_sequence_definition(data):
     (cal, y), _ = data
     pol = POLICIES.create("ltt", calibrator=None, alpha=0.05, delta=0.1, grid=21).fit(cal, y)
+    assert pol.summary["multiple_testing"] == "fixed_sequence"  # auto: fnr_exit is monotone along t0
     p = softmax(cal["logits"], axis=1)[:, 1]
     tab = pol.pair_table(np.maximum(p, 1 - p), (p >= 0.5).astype(int), y)
     n_lines = tab["p"].shape[1]
@@ -168,6 +169,35 @@ def test_ltt_fixed_sequence_definition(data):
     assert pol.decide(cal).exit.sum() == best_cov
     r = selective_risks(y, pol.decide(cal).label.astype(int), pol.decide(cal).exit)
     assert r["fnr_exit"] <= 0.05
+
+
+def test_ltt_holm_and_fallback_definitions():
+    cal, y = synthetic_scores(3000, prevalence=0.3, separation=3.0, seed=12)
+    p = softmax(cal["logits"], axis=1)[:, 1]
+    s, yhat = np.maximum(p, 1 - p), (p >= 0.5).astype(int)
+    kw = {"calibrator": None, "alpha": 0.05, "delta": 0.1, "eps": 0.1, "grid": 15}
+    holm = POLICIES.create("ltt", **kw)
+    assert holm.procedure() == "holm"  # auto: the selective error is not monotone along t0
+    pv = holm.pair_table(s, yhat, y)["p"]
+    valid, _ = holm._valid(pv)
+    flat = np.sort(pv.ravel())  # step-down: reject the k smallest while p_(i) <= delta / (m - i)
+    k = 0
+    while k < flat.size and flat[k] <= 0.1 / (flat.size - k):
+        k += 1
+    assert k > 10 and valid.sum() == k and pv[valid].max() == flat[k - 1]
+    bonf, _ = POLICIES.create("ltt", **kw, multiple_testing="bonferroni")._valid(pv)
+    assert np.all(valid >= bonf)  # Holm rejects everything Bonferroni does
+    fb = POLICIES.create("ltt", **kw, multiple_testing="fallback")
+    fvalid, _ = fb._valid(pv)
+    m0, lines = pv.shape
+    for j in range(lines):  # Wiens' fallback along each line, by hand
+        carry = 0.0
+        for i in range(m0):
+            w = 0.5 * 0.1 / lines if i == 0 else 0.5 * 0.1 / lines / (m0 - 1)
+            level = w + carry
+            assert fvalid[i, j] == (pv[i, j] <= level)
+            carry = level if fvalid[i, j] else 0.0
+    assert fvalid.sum() > 10
 
 
 def test_ltt_with_selective_error_bound():
@@ -258,7 +288,7 @@ def test_calibrator_split_and_select_calibration(data):
         ("ltt", {"delta": 1.5}, "delta"),
         ("ltt", {"risk": "auc"}, "risk"),
         ("ltt", {"pvalue": "bootstrap"}, "pvalue"),
-        ("ltt", {"multiple_testing": "holm"}, "multiple_testing"),
+        ("ltt", {"multiple_testing": "hochberg"}, "multiple_testing"),
         ("ltt", {"grid": 1}, "grid"),
         ("ltt", {"risk": "selective_error", "eps": 0.1}, "eps"),
         ("crc", {"risk": "fnr_exit"}, "ltt"),
