@@ -1,0 +1,253 @@
+"""End-to-end `extract`: features, resume (in-process and after a real SIGKILL), quarantine, provenance."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import featstore
+from conftest import IMAGE_NAMES, ROOT, make_image
+from featstore.backbones import load_backbone
+from featstore.commands import extract, info
+from featstore.images import load_rgb, preprocess
+from featstore.io import sha256_file
+from featstore.store import Store
+from test_featstore_images import png_header_only
+
+FAST = ["--image-size", "32", "--batch-size", "3", "--chunk-rows", "4", "--threads", "1", "--quiet"]
+
+
+def run_extract(images: Path, backbone: Path, out: Path, *extra: str, labels: Path | None = None, ok: bool = True):
+    args = ["--images", str(images), "--backbone", str(backbone), "--out", str(out), *FAST, *extra]
+    if labels is not None or (images / "labels.csv").exists():
+        args += ["--labels", str(labels or images / "labels.csv")]
+    res = CliRunner().invoke(extract, args)
+    if ok:
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+def test_extract_end_to_end_matches_direct_backbone(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0")
+    assert "8 rows committed of 8 listed, 0 quarantined" in res.output
+    st = featstore.open_store(out)
+    assert (st.rows, st.views, st.dim, st.dtype) == (8, 1, 32, "float16")
+    assert list(st.ids) == list(IMAGE_NAMES)
+    assert st.labels.tolist() == [i % 2 for i in range(8)] and st.labels.dtype == np.int8
+    assert list(st.sha256) == [sha256_file(image_folder / n) for n in IMAGE_NAMES]
+    bb = load_backbone(tiny_backbone_dir)
+    x = torch.from_numpy(np.stack([preprocess(load_rgb(image_folder / n, draft_size=32), 32, bb.mean, bb.std) for n in IMAGE_NAMES]))
+    ref = bb.embed(x).numpy()
+    feats = st.load_features()
+    assert feats.shape == (8, 1, 32) and feats.dtype == np.float32
+    np.testing.assert_allclose(feats[:, 0], ref, rtol=2e-3, atol=2e-3)  # float16 storage
+    prov = st.attrs["provenance"]
+    assert prov["kind"] == "extracted" and prov["backbone"]["weights_sha256"] == sha256_file(tiny_backbone_dir / "model.safetensors")
+    assert prov["preprocessing"]["size"] == 32 and st.attrs["n_committed"] == 8 and st.complete
+    # info --json carries the stable keys
+    data = json.loads(CliRunner().invoke(info, [str(out), "--json"]).output)
+    for key in ("rows", "committed", "dim", "views", "dtype", "provenance", "quarantined"):
+        assert key in data
+    assert data["rows"] == 8 and data["quarantined"] == []
+    text = CliRunner().invoke(info, [str(out)]).output
+    assert "8 committed of 8 listed" in text and "DINOv3ViTModel" in text
+    # running it again is a no-op resume
+    before = st.load_features(dtype=None).tobytes()
+    assert "already complete" in run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0").output
+    assert featstore.open_store(out).load_features(dtype=None).tobytes() == before
+
+
+def test_decode_workers_give_identical_features(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    run_extract(image_folder, tiny_backbone_dir, tmp_path / "inline", "--workers", "0", "--dtype", "float32")
+    run_extract(image_folder, tiny_backbone_dir, tmp_path / "workers", "--workers", "2", "--dtype", "float32")
+    a, b = featstore.open_store(tmp_path / "inline"), featstore.open_store(tmp_path / "workers")
+    assert a.dtype == "float32"
+    assert a.load_features(dtype=None).tobytes() == b.load_features(dtype=None).tobytes()
+    assert list(a.ids) == list(b.ids)
+
+
+def test_bad_inputs_are_quarantined_and_the_rest_kept(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    d = image_folder
+    (d / "zero.jpg").write_bytes(b"")
+    good = (d / "img0.jpg").read_bytes()
+    (d / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    (d / "text.png").write_text("not an image at all")
+    png_header_only(d / "bomb.png", 50_000, 50_000)
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(d / "cmyk.jpg")
+    Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(d / "deep16.png")
+    Image.new("RGBA", (40, 40), (0, 0, 255, 128)).save(d / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    make_image(99, (48, 32)).save(d / "exif.jpg", exif=exif)
+    extra = {"zero.jpg": "zero bytes", "trunc.jpg": "truncated", "text.png": "not an image",
+             "bomb.png": "decompression bomb", "gone.jpg": "missing"}
+    goods = ["cmyk.jpg", "deep16.png", "rgba.png", "exif.jpg"]
+    csv = (d / "labels.csv").read_text() + "".join(f"{n},1\n" for n in list(extra) + goods)
+    (d / "labels.csv").write_text(csv)
+    out = tmp_path / "store"
+    res = run_extract(d, tiny_backbone_dir, out, "--workers", "1", "--max-pixels", "1000000")
+    assert "12 rows committed of 17 listed, 5 quarantined" in res.output
+    st = featstore.open_store(out)
+    assert st.rows == 12 and sorted(st.ids) == sorted(list(IMAGE_NAMES) + goods)
+    got = {q["path"]: q["reason"] for q in st.quarantined}
+    assert got == extra
+    assert all(q["detail"] for q in st.quarantined)
+    assert np.all(np.isfinite(st.load_features()))
+    text = CliRunner().invoke(info, [str(out)]).output
+    assert "quarantined  5" in text and "bomb.png: decompression bomb" in text
+
+
+def test_resume_after_interruption_is_identical(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    (image_folder / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    with open(image_folder / "labels.csv", "a") as fh:
+        fh.write("broken.jpg,0\n")
+    full = tmp_path / "full"
+    run_extract(image_folder, tiny_backbone_dir, full, "--workers", "0")
+    calls = {"n": 0}
+    real_commit = Store.commit
+
+    def dying_commit(self, n_committed, **attrs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_commit(self, n_committed, **attrs)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(Store, "commit", dying_commit)
+    res = run_extract(image_folder, tiny_backbone_dir, part, "--workers", "0", ok=False)
+    assert res.exit_code != 0
+    monkeypatch.setattr(Store, "commit", real_commit)
+    st = featstore.open_store(part)
+    assert st.rows == 4 and not st.complete  # one 4-row chunk committed
+    stale = part / "features" / "c" / "junk.partial"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"half-written")
+    res = run_extract(image_folder, tiny_backbone_dir, part, "--workers", "0")
+    assert "5 images" in res.output  # resumed at entry 4 of 9
+    assert not stale.exists()
+    a, b = featstore.open_store(full), featstore.open_store(part)
+    assert a.rows == b.rows == 8
+    assert a.load_features(dtype=None).tobytes() == b.load_features(dtype=None).tobytes()
+    assert list(a.ids) == list(b.ids) and list(a.sha256) == list(b.sha256)
+    assert a.quarantined == b.quarantined and [q["path"] for q in b.quarantined] == ["broken.jpg"]
+
+
+def test_provenance_mismatch_is_refused_naming_the_attribute(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0")
+    res = CliRunner().invoke(extract, ["--images", str(image_folder), "--labels", str(image_folder / "labels.csv"),
+                                       "--backbone", str(tiny_backbone_dir), "--out", str(out), "--image-size", "48",
+                                       "--batch-size", "3", "--chunk-rows", "4", "--quiet", "--workers", "0"])
+    assert res.exit_code == 1 and "provenance attribute 'preprocessing.size' differs" in res.output
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", "--views", "2", ok=False)
+    assert res.exit_code == 1 and "preprocessing.views" in res.output
+    (image_folder / "labels.csv").write_text((image_folder / "labels.csv").read_text().replace("img0.jpg,0", "img0.jpg,1"))
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", ok=False)
+    assert res.exit_code == 1 and "image_list_sha256" in res.output
+    assert featstore.open_store(out).rows == 8  # untouched
+
+
+def test_views_are_stored_and_deterministic(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        run_extract(image_folder, tiny_backbone_dir, tmp_path / name, "--workers", "0", "--views", "3", "--view-seed", "7")
+    run_extract(image_folder, tiny_backbone_dir, tmp_path / "c", "--workers", "0", "--views", "3", "--view-seed", "8")
+    a, b, c = (featstore.open_store(tmp_path / n) for n in "abc")
+    fa = a.load_features()
+    assert fa.shape == (8, 3, 32)
+    assert fa.tobytes() == b.load_features().tobytes()
+    assert not np.allclose(fa[:, 1:], c.load_features()[:, 1:])  # another base seed, other views
+    np.testing.assert_array_equal(fa[:, 0], c.load_features()[:, 0])  # the clean view does not depend on it
+    assert not np.allclose(fa[:, 0], fa[:, 1])
+    assert a.attrs["provenance"]["preprocessing"]["views"] == {"n": 3, "recipe": "validator-v1", "levels": [1, 2, 3], "seed": 7}
+    np.testing.assert_array_equal(a.load_features(views=2)[:, 0], fa[:, 2])
+
+
+def test_cli_refuses_bad_options_and_csv(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    res = run_extract(image_folder, tiny_backbone_dir, tmp_path / "s", "--image-size", "40", ok=False)
+    assert res.exit_code == 2 and "multiple of the backbone's patch size 16" in res.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\nimg0.jpg,0\n../outside.jpg,1\n")
+    res = run_extract(image_folder, tiny_backbone_dir, tmp_path / "s2", labels=bad, ok=False)
+    assert res.exit_code == 2 and "line 3" in res.output and "escapes --images" in res.output
+    assert not (tmp_path / "s2" / "zarr.json").exists()
+
+
+def test_extract_without_labels_lists_every_image(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    (image_folder / "labels.csv").unlink()
+    (image_folder / "notes.txt").write_text("ignored")
+    run_extract(image_folder, tiny_backbone_dir, tmp_path / "s", "--workers", "0")
+    st = featstore.open_store(tmp_path / "s")
+    assert sorted(st.ids) == sorted(IMAGE_NAMES) and set(st.labels.tolist()) == {-1}
+
+
+def _n_committed(store: Path) -> int:
+    try:
+        return int(json.loads((store / "zarr.json").read_text())["attributes"]["n_committed"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_sigkill_mid_run_then_resume_is_byte_identical(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    """A real `python cli.py extract` killed with SIGKILL, then re-run, equals an uninterrupted run."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    n = 60
+    rows = []
+    for i in range(n):
+        make_image(1000 + i, (32, 32)).save(images / f"{i:04d}.png")
+        rows.append(f"{i:04d}.png,{i % 2}")
+    rows.insert(37, "missing.png,1")  # a quarantined entry in the middle
+    (images / "labels.csv").write_text("\n".join(rows) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "cli.py", "extract", "--images", str(images), "--labels", str(images / "labels.csv"),
+                "--backbone", str(tiny_backbone_dir), "--out", str(out), "--image-size", "32", "--batch-size", "3",
+                "--chunk-rows", "2", "--workers", "0", "--threads", "1", "--quiet"]
+
+    killed_at = None
+    for attempt in range(3):
+        victim_out = tmp_path / f"victim{attempt}"
+        victim = subprocess.Popen(cmd(victim_out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while victim.poll() is None and time.monotonic() < deadline and _n_committed(victim_out) < 4:
+            time.sleep(0.002)
+        if victim.poll() is None:
+            os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        killed_at = _n_committed(victim_out)
+        if victim.returncode == -signal.SIGKILL and 0 < killed_at < n:
+            break
+    else:
+        pytest.fail(f"could not kill the run mid-way (last: rc {victim.returncode}, committed {killed_at})")
+    attrs_at_kill = json.loads((victim_out / "zarr.json").read_text())["attributes"]
+    # the marker and the progress attributes move together (one atomic metadata write per commit)
+    assert attrs_at_kill["n_consumed"] == attrs_at_kill["n_committed"] + len(attrs_at_kill["quarantined"])
+    assert attrs_at_kill["n_committed"] % 2 == 0 and not attrs_at_kill["complete"]
+    resumed = subprocess.run(cmd(victim_out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, (attempt, {k: attrs_at_kill[k] for k in ("n_committed", "n_consumed", "quarantined")}, resumed.stderr[-2000:])
+    # the uninterrupted reference, in-process with the same options (same single torch thread)
+    res = CliRunner().invoke(extract, cmd(tmp_path / "ref")[3:])
+    assert res.exit_code == 0, res.output
+    a, b = featstore.open_store(tmp_path / "ref"), featstore.open_store(victim_out)
+    assert a.rows == b.rows == n and b.complete
+    assert a.load_features(dtype=None).tobytes() == b.load_features(dtype=None).tobytes()
+    ids = list(b.ids)
+    assert ids == list(a.ids) and len(set(ids)) == n  # no duplicate or missing rows
+    assert ids == [f"{i:04d}.png" for i in range(n)]
+    assert list(a.labels) == list(b.labels) and list(a.sha256) == list(b.sha256)
+    assert [q["path"] for q in b.quarantined] == ["missing.png"]
+    assert not list(victim_out.rglob("*.partial"))
+    processed = int(resumed.stdout.split("; ")[1].split(" images")[0])
+    assert processed <= n + 1 - killed_at  # it resumed after the committed rows rather than starting over
