@@ -46,14 +46,26 @@ _CANDIDATES = np.unique(np.round(np.logspace(0, 8, 800)).astype(np.int64)).astyp
 
 def trials_needed(rate: np.ndarray, alpha: float, level: float, method: str = "clopper_pearson") -> np.ndarray:
     """Smallest n (on a ~2% geometric grid up to 1e8) whose p-value at ``k = floor(rate n)``
-    is <= ``level``; ``inf`` where ``rate >= alpha`` (more data cannot certify it)."""
+    is <= ``level``, by a vectorised bisection (the p-value falls with n at a fixed rate < alpha);
+    ``inf`` where ``rate >= alpha`` or 1e8 is not enough (more data cannot certify it)."""
     rate = np.atleast_1d(np.asarray(rate, dtype=np.float64))
     out = np.full(rate.shape, np.inf)
     ok = rate < alpha
-    if ok.any():
-        n = _CANDIDATES[None, :]
-        k = np.floor(rate[ok][:, None] * n)
-        passed = binomial_pvalue(k, np.broadcast_to(n, k.shape), alpha, method) <= level
-        first = np.where(passed.any(axis=1), np.argmax(passed, axis=1), -1)
-        out[ok] = np.where(first >= 0, _CANDIDATES[np.maximum(first, 0)], np.inf)
+    if not ok.any():
+        return out
+    r = rate[ok]
+
+    def passes(idx: np.ndarray) -> np.ndarray:
+        n = _CANDIDATES[idx]
+        return binomial_pvalue(np.floor(r * n), n, alpha, method) <= level
+
+    lo = np.zeros(len(r), dtype=np.int64)
+    hi = np.full(len(r), len(_CANDIDATES) - 1, dtype=np.int64)
+    reachable = passes(hi)
+    while np.any(lo < hi):
+        mid = (lo + hi) // 2
+        good = passes(mid)
+        hi = np.where(good, mid, hi)
+        lo = np.where(good, lo, np.minimum(mid + 1, hi))
+    out[ok] = np.where(reachable, _CANDIDATES[hi], np.inf)
     return out
