@@ -139,7 +139,12 @@ class ExitPolicy:
         self.calibrator = calibrator
         self.calibrator_params = dict(calibrator_params or {})
         if calibrator is not None:
-            CALIBRATORS.create(calibrator, **self.calibrator_params)  # validate params now
+            try:
+                CALIBRATORS.create(calibrator, **self.calibrator_params)  # validate params now
+            except TypeError as exc:
+                raise ValueError(
+                    f"calibrator_params {sorted(self.calibrator_params)} are not accepted by {calibrator!r}: {exc}"
+                ) from None
         self.score = score
         self.select_calibrator = select_calibrator
         self.calib_fraction = calib_fraction

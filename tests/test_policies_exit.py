@@ -345,3 +345,43 @@ def test_properties_never_crash_and_never_overclaim(n, prevalence, over, seed, n
     if name == "ltt" and pol.certified:
         assert pol.summary["p_value"] <= pol.summary["test_level"]
     assert policy_from_dict(json.loads(json.dumps(pol.to_dict(), allow_nan=False))).decide(scores).equals(d)
+
+
+def test_hoeffding_bentkus_matches_mapie_and_is_more_conservative():
+    methods = pytest.importorskip("mapie.risk_control.methods")
+    k, n = np.array([0, 1, 5, 12, 30]), np.array([50, 80, 200, 300, 400])
+    ours = binomial_pvalue(k, n, 0.05, "hoeffding_bentkus")
+    theirs = methods.compute_hoeffding_bentkus_p_value(k / n, n, 0.05, binary=False)[:, 0]
+    np.testing.assert_allclose(ours, np.minimum(theirs, 1.0), rtol=1e-10)
+    cal, y = synthetic_scores(3000, prevalence=0.4, separation=3.0, seed=13)
+    kw = {"calibrator": None, "alpha": 0.03, "multiple_testing": "bonferroni"}
+    cp = POLICIES.create("ltt", **kw).fit(cal, y)
+    hb = POLICIES.create("ltt", pvalue="hoeffding_bentkus", **kw).fit(cal, y)
+    assert hb.certified and "hoeffding_bentkus" in hb.reason
+    assert hb.summary["n_valid"] <= cp.summary["n_valid"]
+    assert hb.summary["calib_coverage"] <= cp.summary["calib_coverage"]
+
+
+def test_ltt_explicit_grid_and_miss_rate_risk():
+    cal, y = synthetic_scores(4000, prevalence=0.4, separation=3.0, seed=14)
+    pol = POLICIES.create("ltt", calibrator=None, grid=[0.6, 0.95, 0.8], alpha=0.05).fit(cal, y)
+    np.testing.assert_array_equal(pol.thresholds(), [np.inf, 0.95, 0.8, 0.6])
+    assert pol.certified and pol.t0 in (np.inf, 0.95, 0.8, 0.6) and pol.t1 in (np.inf, 0.95, 0.8, 0.6)
+    miss = POLICIES.create("ltt", calibrator=None, risk="miss_rate", alpha=0.01).fit(cal, y)
+    assert miss.certified and "miss_rate" in miss.reason and miss.summary["calib_miss_rate"] <= 0.01
+    sel = POLICIES.create("ltt", calibrator=None, risk="selective_error", alpha=0.03).fit(cal, y)
+    assert sel.certified and sel.summary["calib_selective_error"] <= 0.03
+
+
+def test_calibrator_params_and_seed_are_used():
+    cal, y = synthetic_scores(2000, seed=15, overconfidence=2.0)
+    pol = POLICIES.create("crc", calibrator="dirichlet", calibrator_params={"lam": 50.0, "mu": 50.0}).fit(cal, y)
+    assert pol.cal.lam == 50.0 and pol.cal.mu == 50.0
+    again = policy_from_dict(json.loads(json.dumps(pol.to_dict())))
+    assert again.cal.lam == 50.0 and again.decide(cal).equals(pol.decide(cal))
+    with pytest.raises(ValueError, match="not accepted by 'temperature'"):
+        POLICIES.create("crc", calibrator="temperature", calibrator_params={"lam": 1.0})
+    a = POLICIES.create("ltt", seed=1).fit(cal, y).cal.temperature
+    b = POLICIES.create("ltt", seed=2).fit(cal, y).cal.temperature
+    c = POLICIES.create("ltt", seed=1).fit(cal, y).cal.temperature
+    assert a == c and a != b  # the seed picks the calibrator's part of val_calib, deterministically
