@@ -241,11 +241,13 @@ def test_not_certifiable_reports_positives_needed():
 def test_hopeless_risk_says_more_data_will_not_help():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 2000)
-    logits = rng.normal(0, 1, (2000, 2))  # no signal: fnr_exit ~ 0.5 everywhere
-    pol = POLICIES.create("ltt", alpha=0.01, calibrator=None).fit({"logits": logits}, y)
-    assert not pol.certified
-    if pol.n_needed is None:
-        assert "will not help" in pol.reason
+    wrong = np.stack([np.zeros(2000), np.where(y == 1, -1.0, 1.0) * rng.uniform(0.5, 5, 2000)], 1)
+    pol = POLICIES.create("ltt", risk="selective_error", alpha=0.1, calibrator=None).fit({"logits": wrong}, y)
+    assert not pol.certified and pol.n_needed is None and "will not help" in pol.reason  # every exit is wrong
+    logits = rng.normal(0, 1, (2000, 2))  # no signal at all
+    fnr = POLICIES.create("ltt", alpha=0.01, calibrator=None).fit({"logits": logits}, y)
+    # exiting as 1 only has FNR_exit = 0, so more data would certify that pair: a number is given
+    assert not fnr.certified and fnr.n_needed is not None and fnr.n_needed > int(y.sum())
 
 
 def test_trials_needed_is_consistent_with_pvalue():
