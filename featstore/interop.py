@@ -149,7 +149,7 @@ def read_features_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             for key in ("features", "labels", "ids", "sha256"):
                 if key in f:
                     ds = f[key]
-                    arrays[key] = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
+                    arrays[key] = np.array(ds.asstr()[()].tolist(), dtype=str) if h5py.check_string_dtype(ds.dtype) else ds[()]
             if "provenance" in f.attrs:
                 out["provenance"] = json.loads(f.attrs["provenance"])
     else:

@@ -75,13 +75,16 @@ def parse_labels_csv(csv_path: str | os.PathLike[str]) -> tuple[list[ImageEntry]
     has_split = False
     start = 0
     first = next((i for i, r in enumerate(rows) if any(c.strip() for c in r)), None)
-    if first is not None and rows[first] and rows[first][0].strip().lower() == "path":
-        header = [c.strip().lower() for c in rows[first]]
-        if len(set(h for h in header if h)) != len([h for h in header if h]):
+    header = [c.strip().lower() for c in rows[first]] if first is not None else []
+    if any(h in ("path", "label", "split") for h in header):
+        named = [h for h in header if h]
+        if "path" not in header:
+            raise LabelsError(f"{csv_path} line {first + 1}: header {rows[first]!r} has no 'path' column")
+        if len(set(named)) != len(named):
             raise LabelsError(f"{csv_path} line {first + 1}: repeated column name in header {rows[first]!r}")
         columns = {name: header.index(name) for name in ("path", "label", "split") if name in header}
         has_split = "split" in columns
-        start = first + 1
+        start = first + 1  # type: ignore[operator]
     for i in range(start, len(rows)):
         row = rows[i]
         where = f"{csv_path} line {i + 1}"

@@ -363,6 +363,7 @@ class Store:
         elif isinstance(rows, slice):
             start, stop, step = rows.indices(n_all)
             idx = None if step == 1 else np.arange(start, stop, step)
+            stop = max(start, stop)
         else:
             idx = np.asarray(rows, dtype=np.int64).reshape(-1)
             if idx.size and (idx.min() < 0 or idx.max() >= n_all):

@@ -251,3 +251,15 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(tiny_backbone_dir: Path, 
     assert not list(victim_out.rglob("*.partial"))
     processed = int(resumed.stdout.split("; ")[1].split(" images")[0])
     assert processed <= n + 1 - killed_at  # it resumed after the committed rows rather than starting over
+
+
+def test_split_column_travels_from_csv_to_splits(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    from featstore.splits import load_splits, write_splits
+
+    lines = ["path,label,split"] + [f"{n},{i % 2},{'test' if i < 2 else ''}" for i, n in enumerate(IMAGE_NAMES)]
+    (image_folder / "labels.csv").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # with a BOM
+    run_extract(image_folder, tiny_backbone_dir, tmp_path / "s", "--workers", "0")
+    st = featstore.open_store(tmp_path / "s")
+    assert st.split_column.tolist() == ["test", "test"] + [""] * 6
+    write_splits(tmp_path / "s", seed=1)
+    assert {0, 1} <= set(load_splits(tmp_path / "s")["test"].tolist())

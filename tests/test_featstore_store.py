@@ -1,0 +1,156 @@
+"""The Zarr store: write_store round trip, fast chunk reads, commit marker, locks, sweeps, provenance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import featstore
+from featstore.store import ProvenanceMismatch, Store, StoreBusy, StoreError, provenance_differences, write_store
+
+
+def synthetic(n: int = 11, v: int = 2, d: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, v, d)).astype(np.float32), rng.integers(-1, 2, size=n)
+
+
+def test_write_store_round_trip(tmp_path: Path) -> None:
+    feats, labels = synthetic()
+    ids = [f"dir/img {i}.jpg" for i in range(11)]
+    st = write_store(tmp_path / "s", feats, labels, ids, provenance={"kind": "arrays", "note": "x"}, chunk_rows=4)
+    st = featstore.open_store(tmp_path / "s")
+    assert (st.rows, st.views, st.dim, st.dtype, st.chunk_rows) == (11, 2, 6, "float32", 4)
+    assert st.ids.tolist() == ids and st.ids.dtype.kind == "U"
+    assert st.labels.tolist() == labels.tolist() and st.labels.dtype == np.int8
+    assert st.sha256.dtype.kind == "U" and len(set(st.sha256)) == 11  # default: hash of each row's features
+    np.testing.assert_array_equal(st.load_features(), feats)
+    assert st.provenance == {"kind": "arrays", "note": "x"} and st.complete and st.quarantined == []
+    # the group is plain Zarr v3 that zarr itself reads, with the stable array and attribute names
+    import zarr
+
+    g = zarr.open_group(str(tmp_path / "s"), mode="r")
+    np.testing.assert_array_equal(g["features"][:], feats)
+    assert g["labels"].shape == (11,) and g["ids"].shape == (11,) and g["sha256"].shape == (11,)
+    assert g.attrs["n_committed"] == 11 and g["features"].metadata.codecs[0].__class__.__name__ == "BytesCodec"
+
+
+def test_two_dim_input_float16_kept_and_info_keys(tmp_path: Path) -> None:
+    x = np.arange(30, dtype=np.float16).reshape(10, 3)
+    st = write_store(tmp_path / "s", x, np.zeros(10, int))
+    assert st.views == 1 and st.dtype == "float16"
+    assert st.load_features().dtype == np.float32 and st.load_features(dtype=None).dtype == np.float16
+    np.testing.assert_array_equal(st.load_features()[:, 0], x.astype(np.float32))
+    info = st.info()
+    for key in ("rows", "committed", "dim", "views", "dtype", "provenance", "quarantined"):
+        assert key in info
+    assert info["rows"] == 10 and info["labels"] == {"0": 10, "1": 0, "unlabelled": 0}
+    json.dumps(info)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.lists(st.integers(0, 10), max_size=30),
+    view=st.one_of(st.none(), st.integers(0, 1), st.lists(st.integers(0, 1), min_size=1, max_size=3)),
+    start=st.integers(0, 11),
+    stop=st.integers(0, 11),
+)
+def test_load_features_matches_numpy_indexing(tmp_path_factory, rows, view, start, stop) -> None:
+    path = tmp_path_factory.getbasetemp() / "hyp_store"
+    feats, labels = synthetic()
+    if not (path / "zarr.json").exists():
+        write_store(path, feats, labels, chunk_rows=3)
+    st = Store.open(path)
+
+    def pick(x: np.ndarray) -> np.ndarray:
+        return x if view is None else x[:, np.atleast_1d(view)]
+
+    np.testing.assert_array_equal(st.load_features(rows, views=view), pick(feats[rows]))
+    np.testing.assert_array_equal(st.load_features(slice(start, stop), views=view), pick(feats[start:stop]))
+
+
+def test_out_of_range_and_bad_inputs(tmp_path: Path) -> None:
+    feats, labels = synthetic()
+    st = write_store(tmp_path / "s", feats, labels)
+    with pytest.raises(IndexError, match="row index out of range"):
+        st.load_features([11])
+    with pytest.raises(IndexError, match="view"):
+        st.load_features(views=2)
+    with pytest.raises(StoreError, match="labels must be 0, 1 or -1"):
+        write_store(tmp_path / "b1", feats, np.full(11, 2))
+    with pytest.raises(StoreError, match="labels has 3 entries"):
+        write_store(tmp_path / "b2", feats, [0, 1, 0])
+    bad = feats.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(StoreError, match="finite"):
+        write_store(tmp_path / "b3", bad, labels)
+    with pytest.raises(StoreError, match="exists and is not empty"):
+        write_store(tmp_path / "s", feats, labels)
+    write_store(tmp_path / "s", feats[:2], labels[:2], overwrite=True)
+    assert Store.open(tmp_path / "s").rows == 2
+    with pytest.raises(StoreError, match="not a feature store"):
+        Store.open(tmp_path / "nothing")
+
+
+def test_commit_marker_bounds_what_readers_see(tmp_path: Path) -> None:
+    feats, labels = synthetic(n=10)
+    st = Store.create(tmp_path / "s", 10, 2, 6, {"kind": "arrays"}, dtype="float32", chunk_rows=4)
+    st.write_block(0, feats[:4], labels[:4], list("abcd"), ["h"] * 4)
+    st.write_block(4, feats[4:8], labels[4:8], list("efgh"), ["h"] * 4)  # written, not committed
+    st.commit(4, n_consumed=4)
+    reader = Store.open(tmp_path / "s")
+    assert reader.rows == 4 and reader.ids.tolist() == list("abcd") and not reader.complete
+    np.testing.assert_array_equal(reader.load_features(), feats[:4])
+    with pytest.raises(StoreError, match="not a multiple of chunk_rows"):
+        st.write_block(5, feats[:1], labels[:1], ["x"], ["h"])
+    with pytest.raises(StoreError, match="read-only"):
+        reader.commit(8)
+    st.commit(8, n_consumed=8)
+    st.write_block(8, feats[8:], labels[8:], list("ij"), ["h"] * 2)
+    st.commit(10, n_consumed=10)
+    st.finalize()
+    st.close()
+    done = Store.open(tmp_path / "s")
+    assert done.rows == 10 and done.complete and done.group["features"].shape == (10, 2, 6)
+    np.testing.assert_array_equal(done.load_features(), feats)
+
+
+def test_writer_lock_and_partial_sweep(tmp_path: Path) -> None:
+    feats, labels = synthetic()
+    write_store(tmp_path / "s", feats, labels, chunk_rows=4)
+    stale = tmp_path / "s" / "features" / "c" / "0.deadbeef.partial"
+    stale.write_bytes(b"junk")
+    Store.open(tmp_path / "s")  # readers never sweep: a live writer may own the temp file
+    assert stale.exists()
+    with Store.open(tmp_path / "s", mode="r+") as writer:
+        assert not stale.exists()
+        with pytest.raises(StoreBusy, match="another process is writing"):
+            Store.open(tmp_path / "s", mode="r+")
+    Store.open(tmp_path / "s", mode="r+").close()  # released on close
+
+
+def test_provenance_differences_name_the_attribute(tmp_path: Path) -> None:
+    a = {"kind": "extracted", "backbone": {"path": "/a", "weights_sha256": "x"}, "preprocessing": {"size": 224}}
+    b = {"kind": "extracted", "backbone": {"path": "/b", "weights_sha256": "y"}, "preprocessing": {"size": 224}}
+    assert provenance_differences(a, a) == []
+    assert provenance_differences(a, {**a, "backbone": {**a["backbone"], "path": "/moved"}}) == []  # paths are informational
+    assert provenance_differences(a, b) == [("backbone.weights_sha256", "x", "y")]
+    feats, labels = synthetic()
+    st = write_store(tmp_path / "s", feats, labels, provenance=a)
+    with pytest.raises(ProvenanceMismatch, match="'backbone.weights_sha256' differs"):
+        st.check_provenance(b)
+    with pytest.raises(ProvenanceMismatch, match="'preprocessing.views' differs"):
+        st.check_provenance({**a, "preprocessing": {"size": 224, "views": 3}})
+
+
+def test_fast_path_equals_zarr_fallback(tmp_path: Path, monkeypatch) -> None:
+    feats, labels = synthetic(n=23, v=3, d=5)
+    st = write_store(tmp_path / "s", feats.astype(np.float16), labels, chunk_rows=5)
+    fast = st.load_features(rows=[22, 0, 7, 7, 13])
+    monkeypatch.setattr(Store, "_raw_chunks_ok", lambda self: False)
+    slow = st.load_features(rows=[22, 0, 7, 7, 13])
+    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(st.load_features(views=1), feats.astype(np.float16)[:, 1:2].astype(np.float32))
