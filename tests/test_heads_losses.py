@@ -51,10 +51,10 @@ def test_crc_soft_terms_split_halves_and_small_batches() -> None:
     p1 = torch.linspace(0.01, 0.99, 100, requires_grad=True)
     t, miss, keep = crc_soft_terms(p1, y, alpha=0.1, bandwidth=0.0, temperature=0.05)
     cal_pos = np.sort(p1.detach().numpy()[:50][y.numpy()[:50] == 1])
-    assert float(t) == pytest.approx(cal_pos[crc_rank(25, 0.1)])
+    assert float(t.detach()) == pytest.approx(cal_pos[crc_rank(25, 0.1)])
     pred, yp = p1.detach()[50:], y[50:]
-    assert float(miss) == pytest.approx(float(torch.sigmoid((t.detach() - pred[yp == 1]) / 0.05).mean()))
-    assert float(keep) == pytest.approx(float(torch.sigmoid((pred[yp == 0] - t.detach()) / 0.05).mean()))
+    assert float(miss.detach()) == pytest.approx(float(torch.sigmoid((t.detach() - pred[yp == 1]) / 0.05).mean()))
+    assert float(keep.detach()) == pytest.approx(float(torch.sigmoid((pred[yp == 0] - t.detach()) / 0.05).mean()))
     (miss + keep).backward()
     assert p1.grad[:50].abs().sum() > 0 and p1.grad[50:].abs().sum() > 0  # both halves get gradient
     assert crc_soft_terms(p1.detach()[:20], y[:20], alpha=0.02, bandwidth=1.0, temperature=0.05) is None

@@ -147,3 +147,19 @@ def test_fsam_and_clipping_train_deterministically() -> None:
     np.testing.assert_array_equal(a.predict_logits(x), b.predict_logits(x))
     assert not np.array_equal(a.predict_logits(x), c.predict_logits(x))
     assert (a.predict_logits(x).argmax(1) == y).mean() > 0.8
+
+
+def test_fast_dropout_rate_scale_and_eval_identity() -> None:
+    from heads.base import FastDropout
+
+    d = FastDropout(0.3)
+    torch.manual_seed(0)
+    out = d(torch.ones(200, 500))
+    assert abs(float((out == 0).float().mean()) - d.effective_p) < 0.01
+    assert float(out.mean()) == pytest.approx(1.0, abs=0.02)  # inverted dropout keeps the mean
+    d.eval()
+    x = torch.randn(3, 4)
+    assert torch.equal(d(x), x)
+    assert torch.equal(FastDropout(0.0).train()(x), x)
+    with pytest.raises(ValueError, match="dropout"):
+        FastDropout(1.0)
