@@ -97,6 +97,11 @@ def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> di
 
     run = Path(run_dir)
     prov = run_provenance(run)
+    if not isinstance(prov.get("backbone"), dict) or not prov["backbone"].get("weights_sha256") \
+            or not isinstance(prov.get("preprocessing"), dict):
+        raise BundleError(f"{run}: its features were not extracted from images by a known backbone (store "
+                          f"provenance kind {prov.get('kind', '?')!r}); a bundle must pin the backbone and "
+                          "preprocessing: train on a store made by `extract`")
     backbone = dict(prov["backbone"])
     head_meta = read_json(run / "head.json")
     policy = read_json(run / "policy.json")

@@ -125,9 +125,9 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
               help="Output folder (re-running reuses the store and replaces the runs).")
 @click.option("--image-size", type=click.IntRange(min=1), default=None,
               help="Backbone input size, a multiple of its patch size. [default: the multiple of the patch "
-                   "size nearest 112, i.e. 112 for DINOv2-S]")
+                   "size nearest 56, i.e. 56 for DINOv2-S; 8x8 scans need no more]")
 @click.option("--heads", "head_names", default="mlp,gate,selectivenet", show_default=True, help="Comma-separated heads to train.")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Training epochs per head.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True, help="Training epochs per head.")
 @click.option("--policy", "policy_name", default="ltt", show_default=True, help="Exit policy fitted for every head.")
 @click.option("--alpha", type=float, default=0.05, show_default=True, help="Risk level of the policy (FNR_exit for ltt, miss rate for crc).")
 @click.option("--delta", type=float, default=0.1, show_default=True, help="ltt: allowed probability that the risk exceeds alpha.")

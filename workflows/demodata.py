@@ -5,7 +5,6 @@ image pipeline as a user's folder. Label 1 = digits 5-9, label 0 = digits 0-4 (a
 """
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import numpy as np
 
 #: digits whose images are labelled 1 ("positive", the stand-in for roadwork).
 POSITIVE_DIGITS = (5, 6, 7, 8, 9)
+#: written last into a finished image folder.
+DONE_MARKER = ".complete"
 
 
 def binary_labels(target: np.ndarray) -> np.ndarray:
@@ -39,29 +40,35 @@ def subsample(labels: np.ndarray, max_images: int | None, seed: int = 0) -> np.n
 def write_digits(out_dir: str | os.PathLike[str], max_images: int | None = None, seed: int = 0) -> tuple[Path, Path]:
     """Write the digits as ``out_dir/images/dNNNN.png`` + ``out_dir/labels.csv``; returns (images, csv).
 
-    Idempotent: existing PNGs with the right name are kept, the CSV is rewritten atomically, so
-    re-running on the same folder is cheap and never leaves a half-written file.
+    The PNGs (all 1797) are written once into a temp folder that is renamed into place, so re-running
+    is cheap and a crash never leaves a half-written folder; ``max_images`` only trims the CSV.
     """
+    import shutil
+    import tempfile
+
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from featstore.io import atomic_write_bytes, atomic_write_text
+    from featstore.io import atomic_write_text
 
     digits = load_digits()
     labels = binary_labels(digits.target)
-    rows = subsample(labels, max_images, seed)
     images_dir = Path(out_dir) / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["path,label"]
-    for i in rows:
-        name = f"d{i:04d}.png"
-        target = images_dir / name
-        if not target.is_file():
-            pixels = np.clip(np.rint(digits.images[i] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(pixels, mode="L").save(buf, format="PNG")
-            atomic_write_bytes(target, buf.getvalue())
-        lines.append(f"{name},{int(labels[i])}")
+    if not (images_dir / DONE_MARKER).is_file():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".images.", suffix=".partial", dir=out_dir))
+        try:
+            for i, img in enumerate(digits.images):
+                pixels = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(work / f"d{i:04d}.png", format="PNG")
+            (work / DONE_MARKER).write_text(f"{len(digits.images)} images from sklearn.datasets.load_digits\n")
+            if images_dir.exists():
+                shutil.rmtree(images_dir)
+            os.rename(work, images_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    rows = subsample(labels, max_images, seed)
+    lines = ["path,label"] + [f"d{i:04d}.png,{int(labels[i])}" for i in rows]
     csv = Path(out_dir) / "labels.csv"
     atomic_write_text(csv, "\n".join(lines) + "\n")
     return images_dir, csv
@@ -105,7 +112,7 @@ def write_idx_images(idx_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     """Fashion-MNIST-style IDX files -> PNGs + labels.csv (train/t10k kept apart: t10k rows go to test)."""
     from PIL import Image
 
-    from featstore.io import atomic_write_bytes, atomic_write_text
+    from featstore.io import atomic_write_text
 
     found = find_idx(idx_dir)
     parts = [p for p in ("train", "t10k") if f"{p}-images" in found and f"{p}-labels" in found]
@@ -125,10 +132,10 @@ def write_idx_images(idx_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     for i in keep:
         name, label, split, pixels = all_rows[i]
         target = images_dir / name
-        if not target.is_file():
-            buf = io.BytesIO()
-            Image.fromarray(pixels, mode="L").save(buf, format="PNG")
-            atomic_write_bytes(target, buf.getvalue())
+        if not target.is_file():  # temp name + rename: never a half-written PNG (no fsync per file)
+            tmp = target.with_name(f".{name}.partial")
+            Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
+            os.replace(tmp, target)
         lines.append(f"{name},{label},{split}")
     csv = Path(out_dir) / "labels.csv"
     atomic_write_text(csv, "\n".join(lines) + "\n")

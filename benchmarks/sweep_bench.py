@@ -1,0 +1,121 @@
+"""Sweep throughput: trials/s of the gate head x ltt on Fashion-MNIST-sized features (12k x 384).
+
+Runs the real ``run_sweep`` (SQLite storage, the shipped ``gate`` space) with 1 and with 2 worker
+processes in one go and prints both side by side. Two rates per run: wall (including worker start-up
+and loading the store) and steady state (finished trials / span from the first trial's start to the
+last trial's end, read from the storage). Target: >= 2 trials/s with 2 workers on a 2-core CPU.
+
+Features: a store given with --store (e.g. Fashion-MNIST features), else the first store under
+bench_out/ whose path mentions fashion/fmnist with width 384 and >= 12k rows, else synthetic
+features of that size (said so in the output).
+
+    python benchmarks/sweep_bench.py [--trials 30] [--store STORE] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def find_fashion_store() -> Path | None:
+    """A Fashion-MNIST feature store made by another benchmark (bench_out/**), if one exists."""
+    from featstore import open_store
+
+    for marker in sorted((ROOT / "bench_out").glob("**/zarr.json")):
+        folder = marker.parent
+        if not any(k in str(folder).lower() for k in ("fashion", "fmnist")):
+            continue
+        try:
+            st = open_store(str(folder))
+        except Exception:
+            continue
+        if st.dim == 384 and st.rows >= 12000 and (folder / "splits.json").is_file():
+            return folder
+    return None
+
+
+def synthetic_store(path: Path, n: int = 12000, d: int = 384, seed: int = 0) -> Path:
+    """Two classes, each a mixture of 5 Gaussian clusters in 384-d, ~90 % linearly separable."""
+    import numpy as np
+
+    from featstore.splits import write_splits
+    from featstore.store import write_store
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    centres = rng.normal(size=(2, 5, d)) * 0.35
+    cluster = rng.integers(0, 5, n)
+    x = centres[y, cluster] + rng.normal(size=(n, d))
+    write_store(path, x[:, None, :].astype(np.float16), y)
+    write_splits(path, seed=0)
+    return path
+
+
+def steady_rate(storage: str, study: str) -> tuple[int, float]:
+    """(finished trials, finished / span of their start..complete times) from the storage."""
+    import optuna
+
+    trials = [t for t in optuna.load_study(study_name=study, storage=storage).trials if t.datetime_complete]
+    if not trials:
+        return 0, 0.0
+    span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    return len(trials), len(trials) / span if span > 0 else float("inf")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--store", type=Path, default=None)
+    ap.add_argument("--space", default="gate")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from workflows.sweep import run_sweep
+
+    tmp = Path(tempfile.mkdtemp(prefix="sweep_bench."))
+    store = args.store or find_fashion_store()
+    source = f"store {store}" if store else "synthetic 12000 x 384 (no Fashion-MNIST store found)"
+    if store is None:
+        store = synthetic_store(tmp / "store")
+    from featstore import open_store
+
+    st = open_store(str(store))
+    print(f"features: {source}; rows {st.rows}, dim {st.dim}, views {st.views}; space {args.space}; "
+          f"{args.trials} trials; cpus {os.cpu_count()}")
+    results = {"features": source, "rows": st.rows, "dim": st.dim, "trials": args.trials, "space": args.space,
+               "cpus": os.cpu_count(), "runs": {}}
+    for workers in (1, 2):
+        storage = f"sqlite:///{tmp / f'w{workers}.db'}"
+        study = f"bench-w{workers}"
+        t0 = time.perf_counter()
+        res = run_sweep(store, study, storage=storage, trials=args.trials, space=args.space, workers=workers,
+                        out=None, seed=0, progress=False)
+        wall = time.perf_counter() - t0
+        n, steady = steady_rate(storage, study)
+        results["runs"][f"workers_{workers}"] = {"wall_s": round(wall, 2), "wall_trials_per_s": round(n / wall, 3),
+                                                 "steady_trials_per_s": round(steady, 3), "finished": n,
+                                                 "states": res.states}
+        print(f"workers={workers}: {n} trials, wall {wall:.1f} s -> {n / wall:.2f} trials/s; "
+              f"steady state {steady:.2f} trials/s; states {res.states}")
+    w1, w2 = results["runs"]["workers_1"], results["runs"]["workers_2"]
+    results["speedup_2_vs_1_steady"] = round(w2["steady_trials_per_s"] / w1["steady_trials_per_s"], 3)
+    results["target_trials_per_s"] = 2.0
+    results["meets_target_steady_2_workers"] = w2["steady_trials_per_s"] >= 2.0
+    print(f"2 workers / 1 worker (steady): {results['speedup_2_vs_1_steady']:.2f}x; target >= 2 trials/s with "
+          f"2 workers: {'met' if results['meets_target_steady_2_workers'] else 'NOT met'} "
+          f"({w2['steady_trials_per_s']:.2f} trials/s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

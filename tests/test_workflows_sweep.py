@@ -1,0 +1,244 @@
+"""sweep: search-space parsing, the CLI end to end, resume (also after a killed run), refusals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from workflows.space import SearchSpace, resolve_space_path, shipped_spaces, studies_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_SPACE = """
+[objective]
+risk = "fnr_exit"
+alpha = 0.1
+
+[head.mlp]
+hidden = { choices = [8, 16] }
+lr = { low = 1e-3, high = 1e-2, log = true }
+epochs = { low = 1, high = 3 }
+batch_size = 32
+
+[head.gate]
+hidden = 8
+epochs = 2
+batch_size = 32
+gate_target = "in_sample"
+gate_weight = { low = 0.5, high = 1.5 }
+
+[policy.ltt]
+alpha = 0.1
+delta = 0.2
+calibrator = { choices = ["temperature", "platt"] }
+
+[policy.threshold]
+threshold = { low = 0.6, high = 0.95 }
+"""
+
+
+def _store(path: Path, n: int = 240, d: int = 8, seed: int = 0, shift: float = 1.5) -> Path:
+    from featstore.splits import write_splits
+    from featstore.store import write_store
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, 2, d)).astype(np.float32)
+    x[:, :, 0] += shift * (2 * y - 1)[:, None]
+    write_store(path, x, y)
+    write_splits(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _store(tmp_path_factory.mktemp("sweep") / "store")
+
+
+@pytest.fixture(scope="module")
+def space_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("space") / "tiny.toml"
+    p.write_text(TINY_SPACE)
+    return p
+
+
+def _complete(db: Path, study: str) -> dict[str, int]:
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute(
+            "SELECT t.state, COUNT(*) FROM trials t JOIN studies s ON s.study_id = t.study_id "
+            "WHERE s.study_name = ? GROUP BY t.state", (study,)).fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        con.close()
+    return {str(k): int(v) for k, v in rows}
+
+
+# -- the search space ---------------------------------------------------------------------------------------
+def test_shipped_spaces_parse_and_name_registered_parts() -> None:
+    from heads import HEADS
+    from policies import POLICIES
+
+    assert {"default", "gate", "quick"} <= set(shipped_spaces())
+    for name in shipped_spaces():
+        sp = SearchSpace.load(studies_dir() / f"{name}.toml")
+        sp.check_names(HEADS.names(), POLICIES.names())
+        for head, params in sp.heads.items():  # every fixed value / range end is a valid hyperparameter
+            HEADS.create(head, **{k: (v["choices"][0] if isinstance(v, dict) and "choices" in v else
+                                      v["low"] if isinstance(v, dict) else v) for k, v in params.items()})
+        for pol, params in sp.policies.items():
+            POLICIES.create(pol, **{k: (v["choices"][-1] if isinstance(v, dict) and "choices" in v else
+                                        v["high"] if isinstance(v, dict) else v) for k, v in params.items()})
+
+
+def test_space_suggest_and_resolve_round_trip(space_file: Path) -> None:
+    import optuna
+
+    sp = SearchSpace.load(space_file)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        drawn = sp.suggest(trial)
+        assert sp.resolve(trial.params) == drawn
+        head, hp, pol, pp = drawn
+        seen.add((head, pol))
+        if head == "mlp":
+            assert hp["hidden"] in (8, 16) and 1 <= hp["epochs"] <= 3 and isinstance(hp["epochs"], int)
+            assert 1e-3 <= hp["lr"] <= 1e-2 and hp["batch_size"] == 32
+        else:
+            assert hp["gate_target"] == "in_sample" and 0.5 <= hp["gate_weight"] <= 1.5
+        study.tell(trial, [0.0, 0.0])
+    assert len(seen) >= 3
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[head.mlp]\nlr = 1\n", "at least one [head.NAME] and one [policy.NAME]"),
+    ("[head.mlp]\nlr = { low = 2, high = 1 }\n[policy.ltt]\n", "low (2) must be <= high (1)"),
+    ("[head.mlp]\nlr = { low = 0, high = 1, log = true }\n[policy.ltt]\n", "log = true needs low > 0"),
+    ("[head.mlp]\nlr = { lo = 0 }\n[policy.ltt]\n", "needs either choices"),
+    ("[head.mlp]\nhidden = { choices = [] }\n[policy.ltt]\n", "non-empty list"),
+    ("[objective]\nrisk = 'accuracy'\n[head.mlp]\n[policy.ltt]\n", "risk 'accuracy'"),
+    ("[objective]\ncoverage_split = 'test'\n[head.mlp]\n[policy.ltt]\n", "never test"),
+    ("[heads.mlp]\n", "unknown table"),
+    ("[head.mlp\n", "not valid TOML"),
+])
+def test_bad_spaces_are_refused_with_the_reason(tmp_path: Path, text: str, needle: str) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        SearchSpace.load(p)
+    assert needle in str(exc.value) and str(p) in str(exc.value)
+
+
+def test_space_resolution() -> None:
+    assert resolve_space_path(None, "gate") == studies_dir() / "gate.toml"
+    assert resolve_space_path(None, "my-study") == studies_dir() / "default.toml"
+    assert resolve_space_path("quick", "x") == studies_dir() / "quick.toml"
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        resolve_space_path("nope.toml", "x")
+
+
+# -- the command -----------------------------------------------------------------------------------------
+def test_sweep_cli_writes_results_and_resumes(store: Path, space_file: Path, tmp_path: Path) -> None:
+    import optuna
+
+    db = tmp_path / "studies.db"
+    out = tmp_path / "out"
+    args = ["sweep", str(store), "--study", "s", "--storage", f"sqlite:///{db}", "--space", str(space_file),
+            "--out", str(out), "--seed", "1", "--quiet", "--top", "2"]
+    res = CliRunner().invoke(cli.main, [*args, "--trials", "5"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["n_before"] == 0 and summary["n_after"] == 5 and summary["states"] == {"COMPLETE": 5}
+    for f in ("trials.csv", "summary.json", "pareto_front.png"):
+        assert (out / f).is_file(), f
+    assert (out / "pareto_front.png").stat().st_size > 5000
+    runs = sorted((out / "runs").iterdir())
+    assert 1 <= len(runs) <= 2
+    for run in runs:  # standard run dirs: export works on them
+        for f in ("config.json", "head.safetensors", "policy.json", "metrics.json", "scores.safetensors"):
+            assert (run / f).is_file(), (run, f)
+        assert json.loads((run / "config.json").read_text())["sweep"]["study"] == "s"
+    # features imported from arrays pin no backbone: export says so instead of making a bundle
+    res = CliRunner().invoke(cli.main, ["export", str(runs[0]), "--out", str(tmp_path / "bundle")])
+    assert res.exit_code == 1 and "not extracted from images" in res.output and not (tmp_path / "bundle").exists()
+
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+    t = study.trials[0]
+    assert set(t.constraints) == {"fnr_exit"}
+    assert t.constraints["fnr_exit"] == pytest.approx(t.user_attrs["risk"] - 0.1)
+    assert 0.0 <= t.values[0] <= 1.0 and t.values[1] >= 0.0
+    if not t.user_attrs["certified"]:
+        assert t.values[0] == 0.0  # uncertified policies earn no certified coverage
+    header = (out / "trials.csv").read_text().splitlines()[0].split(",")
+    assert {"certified_coverage", "augrc", "feasible", "constraint.fnr_exit", "param.head"} <= set(header)
+    best = json.loads((out / "summary.json").read_text())["best"]
+    assert best["run_dir"] == str(runs[0]) or best["run_dir"] in map(str, runs)
+
+    # same study name: resumes, and the trial counts add up (the TPE seed differs per resume)
+    res = CliRunner().invoke(cli.main, [*args, "--trials", "3"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["n_before"] == 5 and summary["n_after"] == 8
+    params = [json.dumps(t.params, sort_keys=True) for t in optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials]
+    assert len(set(params)) == 8
+
+
+def test_sweep_refuses_resume_on_other_features(store: Path, space_file: Path, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'studies.db'}"
+    base = ["--study", "r", "--storage", db, "--space", str(space_file), "--quiet"]
+    res = CliRunner().invoke(cli.main, ["sweep", str(store), *base, "--trials", "1"])
+    assert res.exit_code == 0, res.output
+    other = _store(tmp_path / "other", seed=5)
+    res = CliRunner().invoke(cli.main, ["sweep", str(other), *base, "--trials", "1"])
+    assert res.exit_code != 0 and "other features or splits" in res.output
+
+
+def test_sweep_usage_errors(store: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli.main, ["sweep", str(store), "--study", "x", "--space", str(tmp_path / "none.toml"),
+                                        "--storage", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert res.exit_code == 2 and "no such file" in res.output
+    bare = _store(tmp_path / "nosplits")
+    (bare / "splits.json").unlink()
+    res = CliRunner().invoke(cli.main, ["sweep", str(bare), "--study", "x", "--storage", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert res.exit_code != 0 and "split" in res.output
+
+
+def test_killed_sweep_resumes_with_two_workers(store: Path, space_file: Path, tmp_path: Path) -> None:
+    """Kill a 2-worker sweep mid-way (SIGKILL to its whole process group); a second run adds its trials."""
+    db = tmp_path / "studies.db"
+    args = [sys.executable, str(ROOT / "cli.py"), "sweep", str(store), "--study", "k", "--storage", f"sqlite:///{db}",
+            "--space", str(space_file), "--trials", "400", "--workers", "2", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and _complete(db, "k").get("COMPLETE", 0) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _complete(db, "k")
+    assert before.get("COMPLETE", 0) >= 3, before
+    n_before = sum(before.values())
+    res = CliRunner().invoke(cli.main, ["sweep", str(store), "--study", "k", "--storage", f"sqlite:///{db}",
+                                        "--space", str(space_file), "--trials", "3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    after = _complete(db, "k")
+    assert summary["n_before"] == n_before and summary["n_after"] == n_before + 3
+    assert after.get("COMPLETE", 0) == before.get("COMPLETE", 0) + 3
