@@ -42,6 +42,7 @@ class TrainConfig:
     fsam_sigma: float = 1.0
     fsam_lmbda: float = 0.9
     patience: int = 8
+    early_stopping: bool = True
     select_metric: str = "augrc"
     target_risk: float = 0.02
     view_mode: str = "sample"
@@ -229,6 +230,8 @@ def train_module(
         result.val_objective.append(obj)
         if on_epoch is not None:
             on_epoch(epoch, result.train_loss[-1], obj)
+        if not cfg.early_stopping:  # fixed epochs, final weights kept; the objective is only logged
+            continue
         if obj < best - 1e-12:
             best, stale = obj, 0
             result.best_epoch, result.best_objective = epoch, obj
@@ -237,9 +240,10 @@ def train_module(
             stale += 1
             if stale >= cfg.patience:
                 break
-    if best_state is None:
+    if best_state is None:  # no validation data or early_stopping=False: the last epoch
         best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
         result.best_epoch = result.epochs_run - 1
+        result.best_objective = result.val_objective[-1] if result.val_objective else None
     module.load_state_dict(best_state)
     module.eval()
     return result

@@ -185,6 +185,10 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
         score = "select" if cfg.get("head_has_selector") else "p"
     if score not in ("p", "select"):
         raise ValueError(f"--score must be p, select or auto, got {score!r}")
+    params = dict(params)
+    if policy_name == "coverage" and "target_coverage" not in params and "coverage" in cfg.get("hparams", {}):
+        # selectivenet: its selector threshold is set on val_calib to reach the coverage it trained for
+        params["target_coverage"] = float(cfg["hparams"]["coverage"])
     try:
         policy = factory(score=score, **params)
     except TypeError as exc:

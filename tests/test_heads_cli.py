@@ -175,3 +175,16 @@ def test_selector_heads_calibrate_on_select_by_default(store: Path, tmp_path: Pa
     assert code == 0, text
     pol = json.loads((out / "policy.json").read_text())
     assert pol["params"]["score"] == "select" and pol["params"]["calibrator"] is None
+
+
+def test_selectivenet_threshold_defaults_to_its_target_coverage(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sn"
+    code, text = invoke("train", store, "--head", "selectivenet", "--out", out, "--epochs", "2", "--hidden", "8",
+                        "--param", "coverage=0.6", "--quiet")
+    assert code == 0, text
+    assert json.loads((out / "head.json").read_text())["selective_risk_divided_by_coverage"] is True
+    code, text = invoke("calibrate", out, "--policy", "coverage")
+    assert code == 0, text
+    pol = json.loads((out / "policy.json").read_text())
+    assert pol["params"]["target_coverage"] == 0.6 and pol["params"]["score"] == "select"
+    assert pol["state"]["summary"]["calib_coverage"] >= 0.6

@@ -163,3 +163,16 @@ def test_fast_dropout_rate_scale_and_eval_identity() -> None:
     assert torch.equal(FastDropout(0.0).train()(x), x)
     with pytest.raises(ValueError, match="dropout"):
         FastDropout(1.0)
+
+
+def test_without_early_stopping_runs_all_epochs_and_keeps_the_last() -> None:
+    x, y = _data()
+
+    def loss_fn(out, yb):
+        return nn.functional.cross_entropy(out["logits"], yb)
+
+    torch.manual_seed(0)
+    res = train_module(Probe(), loss_fn, _score, x, y, TrainConfig(epochs=6, patience=1, batch_size=32, lr=0.05,
+                                                                   ema_decay=0.0, early_stopping=False),
+                       x_val=x, y_val=1 - y)
+    assert res.epochs_run == 6 and res.best_epoch == 5 and len(res.val_objective) == 6
