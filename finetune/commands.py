@@ -27,20 +27,6 @@ def _levels(value: str) -> tuple[int, ...]:
     return levels
 
 
-def _head_params(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values parsed as JSON when possible (numbers, true/false), else strings."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE, e.g. hidden=128", param_hint="--head-param")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
 def _run(fn: Any, job: Any) -> dict[str, Any]:
     """Run a job, turning bad input into one-line CLI errors."""
     from featstore.labels import LabelsError
@@ -120,8 +106,20 @@ def finetune(**kw: Any) -> None:
     adapters and writes --out: config.json + model.safetensors (a valid --backbone for extract),
     preprocessor_config.json, provenance.json and head/ (the jointly trained head).
     """
+    from heads.commands import coerce_hparams, parse_params
+
     from .pipeline import FinetuneJob, run_finetune
     from .supervised import SupervisedConfig
+
+    head_params = parse_params(kw["head_param"], "--head-param")
+    if head_params:
+        from heads import HEADS
+
+        try:
+            defaults = HEADS.get(kw["head_name"]).default_hparams()
+        except KeyError as exc:
+            raise click.UsageError(str(exc).strip("'\"")) from None
+        head_params = coerce_hparams(head_params, defaults, kw["head_name"])
 
     train = SupervisedConfig(
         epochs=kw["epochs"], lr=kw["lr"], head_lr=kw["head_lr"], weight_decay=kw["weight_decay"],
@@ -134,7 +132,7 @@ def finetune(**kw: Any) -> None:
         levels=_levels(kw["aug_levels"]), device=kw["device"], amp=kw["amp"],
         grad_checkpointing=kw["grad_checkpointing"], progress=True, labels=kw["labels"],
         peft=kw["peft_method"], blocks=kw["blocks"], head=kw["head_name"],
-        head_params=_head_params(kw["head_param"]), split_seed=kw["split_seed"], fractions=kw["fractions"],
+        head_params=head_params, split_seed=kw["split_seed"], fractions=kw["fractions"],
         train=train,
     )
     record = _run(run_finetune, job)

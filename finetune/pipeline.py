@@ -7,7 +7,6 @@ the adapted backbone can be split, calibrated and tested as usual.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -270,7 +269,3 @@ def _jsonable(obj: Any) -> Any:
         return int(obj)
     return obj
 
-
-def default_workers() -> int:
-    """DataLoader workers: none on a 2-core machine, a few otherwise."""
-    return min(4, max(0, (os.cpu_count() or 1) - 2))

@@ -57,7 +57,7 @@ def test_finetune_writes_a_backbone_that_loads_offline_and_feeds_extract(
     out = tmp_path / "ft"
     code, output, stdout = _invoke(["finetune", "--images", str(labelled), "--labels", str(labelled / "labels.csv"),
                                     "--backbone", str(tiny_backbone_dir), "--out", str(out), "--peft", "dora",
-                                    "--blocks", "1", "--epochs", "2", *TINY])
+                                    "--blocks", "1", "--epochs", "2", "--head-param", "hidden=8", *TINY])
     assert code == 0, output
     summary = json.loads(stdout)
     assert summary["quarantined"] == 1 and summary["n_images"] == 24
@@ -76,6 +76,7 @@ def test_finetune_writes_a_backbone_that_loads_offline_and_feeds_extract(
     from heads import load_head
 
     head = load_head(out / "head")
+    assert head.hparams["hidden"] == 8 and prov["method"]["head_hparams"]["hidden"] == 8
     assert head.predict_scores(np.zeros((2, 32), np.float32))["logits"].shape == (2, 2)
     # ... and the folder is a valid --backbone for extract
     store = tmp_path / "store"
@@ -143,4 +144,6 @@ def test_bad_input_gives_one_line_errors(labelled: Path, tiny_backbone_dir: Path
     assert code == 2 and "levels must be from 0-3" in output
     code, output, *_ = _invoke([*base, "--out", str(tmp_path / "f"), "--head-param", "hidden", *TINY])
     assert code == 2 and "KEY=VALUE" in output
-    assert not any((tmp_path / name).exists() for name in "abcdef")  # nothing half-written
+    code, output, *_ = _invoke([*base, "--out", str(tmp_path / "g"), "--head-param", "widht=3", *TINY])
+    assert code == 2 and "no hyperparameter(s) widht" in output
+    assert not any((tmp_path / name).exists() for name in "abcdefg")  # nothing half-written

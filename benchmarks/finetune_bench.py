@@ -1,0 +1,286 @@
+"""Does full-image adaptation help the cached-feature heads? And what does a training step cost?
+
+On a labelled image folder (default ../shared/data/tracon) with a backbone (default DINOv2-S from
+../shared/assets), in ONE run and through the product's own CLI:
+
+1. base:      extract -> split -> train a gate head -> calibrate (one fixed policy) -> evaluate test
+2. adapted:   ``adapt`` (ExPLoRA, DINO self-distillation) on the train + val_select images only,
+              then the same extract -> ... -> evaluate
+3. finetuned: ``finetune`` (LoRA on the last blocks, mlp head) on train, early stop on val_select,
+              then the same pipeline
+4. explora:   ``finetune`` on top of the adapted backbone (ExPLoRA's full recipe), same pipeline
+
+Every variant uses the same split (the store split, seed 0: finetune recomputes it from content
+hashes) and the same gate head and policy settings; test images are never trained on. Then it
+times a training step of each mode on a fixed batch (forward + backward + update) next to a frozen
+forward pass (what extraction costs), as images per second and ratios.
+
+    python benchmarks/finetune_bench.py [--json PATH] [--image-size 112] [--epochs 2] ...
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = ROOT.parent / "shared"
+METRIC_KEYS = ("accuracy", "mcc", "nll", "brier", "ece", "aurc", "augrc", "coverage", "selective_error",
+               "fnr_exit", "miss_rate", "n")
+
+
+def cli(args: list[str]) -> str:
+    """Run one product command in-process; raise with its output when it fails."""
+    from click.testing import CliRunner
+
+    import cli as product
+
+    res = CliRunner().invoke(product.main, args)
+    if res.exit_code != 0:
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            raise res.exception
+        raise RuntimeError(f"`{' '.join(args[:1])}` failed ({res.exit_code}): {res.output[-2000:]}")
+    return res.stdout
+
+
+def labels_csv(images: Path, work: Path) -> Path:
+    """All labelled images of the folder in one CSV (train.csv + val.csv for tracon)."""
+    sources = [images / "labels.csv"] if (images / "labels.csv").exists() else sorted(images.glob("*.csv"))
+    rows: list[tuple[str, str]] = []
+    for src in sources:
+        with open(src, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                rows.append((row["path"], row["label"]))
+    out = work / "labels.csv"
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return out
+
+
+def evaluate_backbone(name: str, backbone: Path, images: Path, labels: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """extract -> split -> train gate -> calibrate -> evaluate (test); returns test metrics + timings."""
+    from featstore.io import read_json
+
+    store, run = work / f"store_{name}", work / f"run_{name}"
+    t0 = time.perf_counter()
+    cli(["extract", "--images", str(images), "--labels", str(labels), "--backbone", str(backbone), "--out", str(store),
+         "--image-size", str(args.image_size), "--batch-size", "32", "--workers", str(args.workers), "--quiet"])
+    t_extract = time.perf_counter() - t0
+    cli(["split", str(store), "--seed", "0"])
+    cli(["train", str(store), "--head", "gate", "--out", str(run), "--seed", "0", "--quiet"])
+    cli(["calibrate", str(run), "--policy", args.policy, *args.policy_args])
+    cli(["evaluate", str(run), "--split", "test"])
+    metrics = read_json(run / "metrics.json")
+    policy = read_json(run / "policy.json")
+    return {
+        "test": {k: metrics.get(k) for k in METRIC_KEYS},
+        "val_select_best_objective": read_json(run / "head.json").get("training", {}).get("best_objective"),
+        "policy_certified": policy.get("certified"),
+        "extract_s": round(t_extract, 2),
+        "splits": read_json(store / "splits.json")["counts"],
+    }
+
+
+def adapt_list(store: Path, work: Path) -> Path:
+    """CSV of the train + val_select images of the base store (adapt never sees val_calib / test)."""
+    from featstore import open_store
+    from featstore.splits import load_splits
+
+    st = open_store(store)
+    splits = load_splits(store)
+    ids = st.ids
+    out = work / "adapt_images.csv"
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        for name in ("train", "val_select"):
+            for row in splits[name]:
+                writer.writerow([str(ids[row]), ""])
+    return out
+
+
+def step_throughput(backbone_dir: Path, image_size: int, batch: int, steps: int, blocks: int, unfreeze: int) -> dict[str, float]:
+    """Images per second of: a frozen forward (extraction), a finetune step, an adapt step."""
+    import torch
+
+    from featstore.backbones import load_backbone
+    from finetune.adapters import AdapterSpec, attach, trainable
+    from finetune.dino import DinoHead, DinoLoss
+    from finetune.loop import cls_features
+    from finetune.targets import block_indices, block_parameter_names, find_blocks, linear_targets, norm_parameter_names
+    from heads import HEADS
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size)
+    y = torch.arange(batch) % 2
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return batch * steps / (time.perf_counter() - t0)
+
+    out: dict[str, float] = {}
+    bb = load_backbone(backbone_dir)
+    out["frozen_forward"] = timed(lambda: bb.embed(x))
+
+    model = attach(bb.model, AdapterSpec("lora", 8, 16, targets=linear_targets(bb.model, block_indices(len(find_blocks(bb.model)), blocks), "all")))
+    head = HEADS.create("mlp")
+    head.prepare(y.numpy())
+    module = head.make_module(bb.hidden_size)
+    params = list(trainable(model).values()) + list(module.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def finetune_step() -> None:
+        opt.zero_grad()
+        head.loss(module(cls_features(model, x)), y).backward()
+        opt.step()
+
+    out["finetune_step"] = timed(finetune_step)
+
+    bb = load_backbone(backbone_dir)
+    n = len(find_blocks(bb.model))
+    unfrozen_idx = block_indices(n, unfreeze)
+    unfrozen = block_parameter_names(bb.model, unfrozen_idx)
+    unfrozen += [p for p in norm_parameter_names(bb.model) if p not in set(unfrozen)]
+    lora_idx = [i for i in range(n) if i not in unfrozen_idx]
+    student = attach(bb.model, AdapterSpec("lora", 8, 16, targets=linear_targets(bb.model, lora_idx, "qv"), unfrozen=unfrozen))
+    dino_head = DinoHead(bb.hidden_size)
+    teacher = load_backbone(backbone_dir).model  # frozen stand-in of the EMA teacher: same forward cost
+    teacher_head = DinoHead(bb.hidden_size)
+    crit = DinoLoss(1024)
+    params = list(trainable(student).values()) + list(dino_head.parameters())
+    opt2 = torch.optim.AdamW(params, lr=1e-4)
+    student.train()
+    views = torch.cat([x, x.flip(-1)])
+
+    def adapt_step() -> None:
+        opt2.zero_grad()
+        with torch.no_grad():
+            t_out = teacher_head(cls_features(teacher, views))
+        crit(dino_head(cls_features(student, views)), t_out).backward()
+        opt2.step()
+
+    out["adapt_step"] = timed(adapt_step)  # images (not views) per second
+    out["finetune_vs_frozen_forward"] = out["finetune_step"] / out["frozen_forward"]
+    out["adapt_vs_frozen_forward"] = out["adapt_step"] / out["frozen_forward"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, default=None, help="Write the figures here as one JSON object.")
+    ap.add_argument("--images", type=Path, default=SHARED / "data" / "tracon")
+    ap.add_argument("--backbone", type=Path, default=SHARED / "assets" / "dinov2s-imgfocus")
+    ap.add_argument("--work", type=Path, default=None, help="Working folder (default: a new temp folder).")
+    ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--epochs", type=int, default=2, help="finetune epochs")
+    ap.add_argument("--adapt-epochs", type=int, default=1)
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--unfreeze", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--policy", default="coverage")
+    ap.add_argument("--policy-args", nargs="*", default=["--coverage", "0.7"])
+    ap.add_argument("--step-batch", type=int, default=8)
+    ap.add_argument("--step-repeats", type=int, default=3)
+    ap.add_argument("--adapt-keep", choices=("teacher", "student"), default="teacher",
+                    help="Which adapt weights to export (short runs barely move the EMA teacher).")
+    ap.add_argument("--skip-explora", action="store_true", help="Skip finetune-on-adapted (saves time).")
+    ap.add_argument("--skip-finetune", action="store_true", help="Only base and adapted (saves time).")
+    args = ap.parse_args()
+    import torch
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="finetune_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    labels = labels_csv(args.images, work)
+    common = ["--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+              "--workers", str(args.workers), "--device", args.device]
+    result: dict[str, Any] = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_avg_start": os.getloadavg()[0], "note": "timings under load (CPU shared with other jobs)"},
+        "variants": {},
+        "train_s": {},
+    }
+    t_all = time.perf_counter()
+    result["variants"]["base"] = evaluate_backbone("base", args.backbone, args.images, labels, work, args)
+
+    t0 = time.perf_counter()
+    adapted = work / "adapted"
+    cli(["adapt", "--images", str(args.images), "--list", str(adapt_list(work / "store_base", work)),
+         "--backbone", str(args.backbone), "--out", str(adapted), "--epochs", str(args.adapt_epochs),
+         "--unfreeze", str(args.unfreeze), "--keep", args.adapt_keep, *common])
+    result["train_s"]["adapt"] = round(time.perf_counter() - t0, 1)
+    result["variants"]["adapted"] = evaluate_backbone("adapted", adapted, args.images, labels, work, args)
+
+    parents = {} if args.skip_finetune else {"finetuned": args.backbone}
+    if not (args.skip_finetune or args.skip_explora):
+        parents["explora"] = adapted
+    for name, parent in parents.items():
+        t0 = time.perf_counter()
+        cli(["finetune", "--images", str(args.images), "--labels", str(labels), "--backbone", str(parent),
+             "--out", str(work / name), "--peft", "lora", "--blocks", str(args.blocks), "--epochs", str(args.epochs),
+             *common])
+        result["train_s"][name] = round(time.perf_counter() - t0, 1)
+        result["variants"][name] = evaluate_backbone(name, work / name, args.images, labels, work, args)
+
+    from featstore.io import read_json
+
+    histories = {}
+    for name in ("adapted", *parents):
+        prov = read_json(work / name / "provenance.json")
+        hist = prov["training"]["history"]
+        histories[name] = {"train_loss": hist["train_loss"], "images_per_s_with_decoding": hist["images_per_s"],
+                           "best_epoch": hist.get("best_epoch"), "val_objective": hist.get("val_objective"),
+                           "split": prov["data"].get("split", {}).get("counts")}
+    result["training_histories"] = histories
+    result["step_images_per_s"] = step_throughput(args.backbone, args.image_size, args.step_batch, args.step_repeats,
+                                                  args.blocks, args.unfreeze)
+    result["machine"]["load_avg_end"] = os.getloadavg()[0]
+    result["total_s"] = round(time.perf_counter() - t_all, 1)
+
+    # same split check: finetune's own split must equal the store's
+    store_counts = result["variants"]["base"]["splits"]
+    for name in parents:
+        ft_counts = histories[name]["split"]
+        result.setdefault("split_matches_store", {})[name] = ft_counts == store_counts
+
+    print(f"finetune_bench (under load; {os.cpu_count()} CPUs shared), image size {args.image_size}, "
+          f"policy {args.policy} {' '.join(args.policy_args)}; test n = {result['variants']['base']['test']['n']}")
+    keys = ("accuracy", "mcc", "augrc", "aurc", "ece", "coverage", "selective_error")
+    print(f"{'variant':<10}" + "".join(f"{k:>16}" for k in keys))
+    for name, v in result["variants"].items():
+        print(f"{name:<10}" + "".join(f"{v['test'][k]:>16.4f}" if isinstance(v['test'][k], (int, float)) else f"{'-':>16}" for k in keys))
+    base = result["variants"]["base"]["test"]
+    for name, v in result["variants"].items():
+        if name != "base":
+            print(f"{name} - base: accuracy {v['test']['accuracy'] - base['accuracy']:+.4f}, "
+                  f"augrc {v['test']['augrc'] - base['augrc']:+.4f} (lower is better)")
+    s = result["step_images_per_s"]
+    print(f"training step images/s (batch {args.step_batch}): frozen forward {s['frozen_forward']:.1f}, "
+          f"finetune {s['finetune_step']:.1f} ({s['finetune_vs_frozen_forward']:.2f}x), "
+          f"adapt {s['adapt_step']:.1f} ({s['adapt_vs_frozen_forward']:.2f}x)")
+    print(f"wall seconds: {result['train_s']}, total {result['total_s']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
