@@ -1,7 +1,7 @@
 """Sweep throughput: trials/s of the gate head x ltt on Fashion-MNIST-sized features (12k x 384).
 
-Runs the real ``run_sweep`` (SQLite storage, the shipped ``gate`` space) with 1 and with 2 worker
-processes in one go and prints both side by side. Two rates per run: wall (including worker start-up
+Runs the real ``run_sweep`` (SQLite storage, the shipped ``gate`` space) with 1 worker x 1 thread,
+1 worker x 2 threads and 2 workers x 1 thread in one go and prints them side by side. Two rates per run: wall (including worker start-up
 and loading the store) and steady state (finished trials / span from the first trial's start to the
 last trial's end, read from the storage). Target: >= 2 trials/s with 2 workers on a 2-core CPU.
 
@@ -92,20 +92,22 @@ def main() -> None:
           f"{args.trials} trials; cpus {os.cpu_count()}")
     results = {"features": source, "rows": st.rows, "dim": st.dim, "trials": args.trials, "space": args.space,
                "cpus": os.cpu_count(), "runs": {}}
-    for workers in (1, 2):
-        storage = f"sqlite:///{tmp / f'w{workers}.db'}"
-        study = f"bench-w{workers}"
+    for workers, threads in ((1, 1), (1, 2), (2, 1)):
+        key = f"workers_{workers}_threads_{threads}"
+        storage = f"sqlite:///{tmp / f'{key}.db'}"
         t0 = time.perf_counter()
-        res = run_sweep(store, study, storage=storage, trials=args.trials, space=args.space, workers=workers,
-                        out=None, seed=0, progress=False)
+        res = run_sweep(store, key, storage=storage, trials=args.trials, space=args.space, workers=workers,
+                        threads=threads, out=None, seed=0, progress=False)
         wall = time.perf_counter() - t0
-        n, steady = steady_rate(storage, study)
-        results["runs"][f"workers_{workers}"] = {"wall_s": round(wall, 2), "wall_trials_per_s": round(n / wall, 3),
-                                                 "steady_trials_per_s": round(steady, 3), "finished": n,
-                                                 "states": res.states}
-        print(f"workers={workers}: {n} trials, wall {wall:.1f} s -> {n / wall:.2f} trials/s; "
+        n, steady = steady_rate(storage, key)
+        results["runs"][key] = {"wall_s": round(wall, 2), "wall_trials_per_s": round(n / wall, 3),
+                                "steady_trials_per_s": round(steady, 3), "finished": n, "states": res.states}
+        print(f"workers={workers} threads={threads}: {n} trials, wall {wall:.1f} s -> {n / wall:.2f} trials/s; "
               f"steady state {steady:.2f} trials/s; states {res.states}")
-    w1, w2 = results["runs"]["workers_1"], results["runs"]["workers_2"]
+    w1, w2 = results["runs"]["workers_1_threads_1"], results["runs"]["workers_2_threads_1"]
+    w1t2 = results["runs"]["workers_1_threads_2"]
+    results["one_worker_1_vs_2_threads_steady"] = round(w1["steady_trials_per_s"] / w1t2["steady_trials_per_s"], 3)
+    print(f"1 worker, 1 thread / 2 threads (steady): {results['one_worker_1_vs_2_threads_steady']:.2f}x")
     results["speedup_2_vs_1_steady"] = round(w2["steady_trials_per_s"] / w1["steady_trials_per_s"], 3)
     results["target_trials_per_s"] = 2.0
     results["meets_target_steady_2_workers"] = w2["steady_trials_per_s"] >= 2.0

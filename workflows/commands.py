@@ -23,13 +23,15 @@ import click
                                             "[default: the study's name if shipped, else default]")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes sharing the storage; each loads the store into RAM once.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads per worker. Small heads train fastest single-threaded: use --workers for cores.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for trials.csv, summary.json, Pareto / importance PNGs and run dirs of the best trials.")
 @click.option("--top", type=click.IntRange(min=0), default=3, show_default=True, help="Pareto-optimal trials to write as run dirs under OUT/runs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the TPE sampler (per worker and resume) and every head / policy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sweep(store: str, study_name: str, storage: str, trials: int, space: str | None, workers: int,
-          out: str | None, top: int, seed: int, quiet: bool) -> None:
+          threads: int, out: str | None, top: int, seed: int, quiet: bool) -> None:
     """Search heads x exit policies x hyperparameters on STORE with Optuna (multi-objective TPE).
 
     Each trial trains a head on train (early stopping on val_select), fits the exit policy on
@@ -41,7 +43,7 @@ def sweep(store: str, study_name: str, storage: str, trials: int, space: str | N
 
     try:
         result = run_sweep(store, study_name, storage=storage, trials=trials, space=space, workers=workers,
-                           out=out, seed=seed, top=top, progress=not quiet)
+                           out=out, seed=seed, top=top, threads=threads, progress=not quiet)
     except FileNotFoundError as exc:
         raise click.UsageError(str(exc)) from None
     except (KeyError, ValueError) as exc:

@@ -143,8 +143,8 @@ def make_objective(data: SweepData, space: SearchSpace, seed: int):
         head, hp, pol, pp = space.suggest(trial)
         _, policy, scores = fit_trial(data, head, hp, pol, pp, seed)
         m = trial_metrics(data, policy, scores, space.objective)
-        for key in ("risk", "coverage", "accuracy", "certified", "reason", "n_needed"):
-            trial.set_user_attr(key, m[key])
+        # one attribute (one storage write) holding every fact; trials.csv flattens it
+        trial.set_user_attr("result", {k: m[k] for k in ("risk", "coverage", "accuracy", "certified", "reason", "n_needed")})
         trial.set_constraint(space.objective["risk"], m["constraint"])
         return m["certified_coverage"], m["augrc"]
 
@@ -157,15 +157,42 @@ def make_storage(url: str) -> Any:
     import optuna
 
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
+    sqlite = url.startswith("sqlite")
+    if sqlite:
         engine_kwargs = {"connect_args": {"timeout": 120}}
         db = url.split("///", 1)[-1]
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
+            _sqlite_wal(db)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                          heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                             heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    if sqlite:
+        from sqlalchemy import event
+
+        event.listen(storage.engine, "connect", _sqlite_pragmas)
+        storage.engine.dispose()  # connections opened from now on get the pragmas
+    return storage
+
+
+def _sqlite_wal(db: str) -> None:
+    """Switch the database file to WAL journaling (persistent): readers and K writers block less."""
+    import sqlite3
+
+    con = sqlite3.connect(db, timeout=120)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """synchronous=NORMAL: with WAL, a commit no longer waits for an fsync (safe from corruption;
+    a power cut may lose the last trials, never the file). Cut per-trial storage time ~10x here."""
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
 
 
 def make_sampler(seed: int) -> Any:
@@ -283,6 +310,8 @@ class SweepResult:
     best: dict[str, Any] | None
     plots: dict[str, str]
     worker_exit_codes: list[int]
+    workers: int = 1
+    threads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -294,7 +323,8 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
               threads: int | None = None, progress: bool = True) -> SweepResult:
     """Run (or resume) a sweep: ``trials`` more trials over ``workers`` processes, then write results.
 
-    ``out`` receives trials.csv, summary.json, the Pareto / importance PNGs and run dirs of up to
+    ``threads`` is torch's thread count in each worker (default 1: on small heads one thread per
+    process beats several threads, measured 5x under load). ``out`` receives trials.csv, summary.json, the Pareto / importance PNGs and run dirs of up to
     ``top`` Pareto-optimal feasible trials (``runs/trial-NNNNN``), each exportable with ``export``.
     """
     import multiprocessing as mp
@@ -304,8 +334,8 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
     from heads import HEADS
     from policies import POLICIES
 
-    if trials < 0 or workers < 1:
-        raise ValueError(f"--trials must be >= 0 and --workers >= 1 (got {trials}, {workers})")
+    if trials < 0 or workers < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"--trials must be >= 0, --workers and --threads >= 1 (got {trials}, {workers}, {threads})")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space_path = resolve_space_path(space, study_name)
     sp = SearchSpace.load(space_path)
@@ -314,7 +344,7 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
     study = open_study(make_storage(storage), study_name, seed)
     check_resume(study, sp, data)
     n_before = len(study.trials)
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or 1  # small heads train fastest single-threaded; parallelise with workers
     t0 = time.perf_counter()
     exit_codes: list[int] = []
     jobs = [dict(store=str(store), study_name=study_name, storage_url=storage, space_path=str(space_path),
@@ -352,7 +382,7 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
         states[t.state.name] = states.get(t.state.name, 0) + 1
     result = SweepResult(study=study_name, storage=storage, n_before=n_before, n_after=len(study.trials),
                          states=states, seconds=seconds, out=None if out is None else str(out), runs=[],
-                         best=None, plots={}, worker_exit_codes=exit_codes)
+                         best=None, plots={}, worker_exit_codes=exit_codes, workers=workers, threads=threads)
     if out is not None:
         _set_threads(threads)  # the same thread count as the trials: retrained runs reproduce them
         write_outputs(study, sp, data, Path(out), result, top=top, seed=seed)
@@ -379,7 +409,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             row.update(dict(zip(OBJECTIVE_NAMES, t.values)))
         row["feasible"] = feasible(t) if t.values else ""
         row.update({f"constraint.{k}": v for k, v in t.constraints.items()})
-        row.update({f"attr.{k}": v for k, v in t.user_attrs.items()})
+        for k, v in t.user_attrs.items():
+            row.update({f"attr.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {f"attr.{k}": v})
         row.update({f"param.{k}": v for k, v in t.params.items()})
         row["seconds"] = (t.duration.total_seconds() if t.duration else "")
         rows.append(row)
