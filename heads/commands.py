@@ -76,6 +76,7 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("--select-metric", str, "Early-stopping objective on val_select: augrc, aurc or coverage_at_risk."),
     ("--view-mode", str, "'sample' (one random cached view per row and epoch) or 'all'."),
     ("--seed", int, "Seed (same seed and data -> identical weights)."),
+    ("--threads", int, "Torch threads while training (0 = torch's setting)."),
 ]
 
 

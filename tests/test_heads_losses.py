@@ -111,7 +111,7 @@ def test_out_of_fold_targets_see_failures_in_sample_misses() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(240, 16)).astype(np.float32)
     y = rng.integers(0, 2, 240)
-    common = dict(hidden=128, dropout=0.0, epochs=60, lr=1e-2, batch_size=32, ema_decay=0.0, weight_decay=0.0)
+    common = dict(hidden=128, dropout=0.0, epochs=40, lr=2e-2, batch_size=48, ema_decay=0.0, weight_decay=0.0)
     head = HEADS.create("gate", gate_target="out_of_fold", folds=3, **common)
     head.prepare(y)
     oof = head.out_of_fold_correct(torch.from_numpy(x), torch.from_numpy(y), None, None)
