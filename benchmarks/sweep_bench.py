@@ -5,9 +5,10 @@ Runs the real ``run_sweep`` (SQLite storage, the shipped ``gate`` space) with 1 
 and loading the store) and steady state (finished trials / span from the first trial's start to the
 last trial's end, read from the storage). Target: >= 2 trials/s with 2 workers on a 2-core CPU.
 
-Features: a store given with --store (e.g. Fashion-MNIST features), else the first store under
-bench_out/ whose path mentions fashion/fmnist with width 384 and >= 12k rows, else synthetic
-features of that size (said so in the output).
+Features: a store given with --store (e.g. Fashion-MNIST features), else the first complete store
+whose path mentions fashion/fmnist, with width 384, >= 12k rows and splits.json, under bench_out/ or
+OUT/stores/ of a sibling folder of the repo (where ``benchmarks/quality.py --out OUT`` puts them),
+else synthetic features of that size (said so in the output).
 
     python benchmarks/sweep_bench.py [--trials 30] [--store STORE] [--json PATH]
 """
@@ -29,7 +30,9 @@ def find_fashion_store() -> Path | None:
     """A Fashion-MNIST feature store made by another benchmark (bench_out/**), if one exists."""
     from featstore import open_store
 
-    for marker in sorted((ROOT / "bench_out").glob("**/zarr.json")):
+    # benchmarks/quality.py --out OUT writes OUT/stores/fmnist_*; look in bench_out/ and in the repo's siblings
+    candidates = sorted((ROOT / "bench_out").glob("**/zarr.json")) + sorted(ROOT.parent.glob("*/stores/*/zarr.json"))
+    for marker in candidates:
         folder = marker.parent
         if not any(k in str(folder).lower() for k in ("fashion", "fmnist")):
             continue
@@ -37,7 +40,7 @@ def find_fashion_store() -> Path | None:
             st = open_store(str(folder))
         except Exception:
             continue
-        if st.dim == 384 and st.rows >= 12000 and (folder / "splits.json").is_file():
+        if st.dim == 384 and st.rows >= 12000 and st.complete and (folder / "splits.json").is_file():
             return folder
     return None
 

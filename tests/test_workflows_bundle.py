@@ -218,3 +218,32 @@ def test_export_refusals(bundle: Path, trained_run: dict[str, Path], tmp_path: P
     (run / "policy.json").unlink()
     _refused(["export", str(run), "--out", str(tmp_path / "b3")], "policy.json", "calibrate")
     assert not (tmp_path / "b3").exists()
+
+
+def test_predict_accepts_pil_images_and_bytes(predictor, trained_run: dict[str, Path]) -> None:
+    from PIL import Image
+
+    path = trained_run["images"] / "im03.png"
+    from_path = predictor.predict(str(path))
+    from_bytes, from_pil = predictor.predict([path.read_bytes(), Image.open(path)])
+    assert len(from_path) == 1 and from_bytes["path"] == "<image 0>"
+    for rec in (from_bytes, from_pil):
+        assert rec["decision"] == from_path[0]["decision"]
+        assert abs(rec["p_roadwork"] - from_path[0]["p_roadwork"]) < 1e-6
+    with pytest.raises(ValueError, match="batch_size"):
+        predictor.predict([str(path)], batch_size=0)
+
+
+def test_imgfocus_bundles_fall_back_to_the_cached_backbone(monkeypatch, tmp_path: Path) -> None:
+    from workflows import imgfocus
+    from workflows.bundle import IMGFOCUS_WEIGHTS_SHA256, BundleError
+    from workflows.predictor import resolve_backbone
+
+    called = []
+    monkeypatch.setattr(imgfocus, "ensure_backbone", lambda: called.append(1) or tmp_path / "cached")
+    manifest = {"backbone": {"path": str(tmp_path / "gone"), "weights_sha256": IMGFOCUS_WEIGHTS_SHA256}}
+    assert resolve_backbone(manifest, None) == tmp_path / "cached" and called == [1]
+    assert resolve_backbone(manifest, tmp_path / "given") == tmp_path / "given"
+    manifest["backbone"]["weights_sha256"] = "0" * 64
+    with pytest.raises(BundleError, match="not on this machine"):
+        resolve_backbone(manifest, None)

@@ -127,7 +127,7 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
               help="Output folder (re-running reuses the store and replaces the runs).")
 @click.option("--image-size", type=click.IntRange(min=1), default=None,
               help="Backbone input size, a multiple of its patch size. [default: the multiple of the patch "
-                   "size nearest 56, i.e. 56 for DINOv2-S; 8x8 scans need no more]")
+                   "size nearest 56 for the digits and IDX data (56 for DINOv2-S), nearest 224 for --labels folders]")
 @click.option("--heads", "head_names", default="mlp,gate,selectivenet", show_default=True, help="Comma-separated heads to train.")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True, help="Training epochs per head.")
 @click.option("--policy", "policy_name", default="ltt", show_default=True, help="Exit policy fitted for every head.")

@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 
-#: 4 x 4 patches of 14 px: enough for 8x8 scans, and DINOv2-S embeds the 1797 digits in 1-2 minutes on 2 cores.
+#: 4 x 4 patches of 14 px: enough for 8x8 scans (and 28x28 Fashion-MNIST), and DINOv2-S embeds the
+#: 1797 digits in 1-2 minutes on 2 cores.
 DEFAULT_IMAGE_SIZE = 56
+#: photos in a user's folder (e.g. TraCon street scenes) need the backbone's usual resolution.
+PHOTO_IMAGE_SIZE = 224
 #: train / val_select / val_calib / test. val_calib is large so a 2% - 5% risk can be certified on ~1800 images.
 DEMO_FRACTIONS = (0.45, 0.10, 0.30, 0.15)
 #: per-head settings that keep the demo fast (gate: 3 cross-fitting folds instead of 5).
@@ -50,9 +53,9 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def default_image_size(patch_size: int) -> int:
-    """The multiple of ``patch_size`` nearest to ``DEFAULT_IMAGE_SIZE`` (56 for patch-14 ViTs)."""
-    return max(patch_size, int(round(DEFAULT_IMAGE_SIZE / patch_size)) * patch_size)
+def default_image_size(patch_size: int, target: int = DEFAULT_IMAGE_SIZE) -> int:
+    """The multiple of ``patch_size`` nearest to ``target`` (56 -> 56 for patch-14 ViTs, 64 for patch 16)."""
+    return max(patch_size, int(round(target / patch_size)) * patch_size)
 
 
 def merge_labels(specs: list[str], images: str, out_csv: Path) -> Path:
@@ -228,13 +231,14 @@ def run_demo(cfg: DemoConfig) -> str:
     else:
         backbone_path = cfg.backbone
     backbone = load_backbone(backbone_path)
-    image_size = cfg.image_size or default_image_size(backbone.patch_size)
-    check_image_size(image_size, backbone.patch_size)
     timings["backbone"] = time.perf_counter() - t
 
     t = time.perf_counter()
     images, labels, data_desc = prepare_data(cfg, out)
     timings["data"] = time.perf_counter() - t
+    photos = cfg.images is not None and bool(cfg.labels)  # a user's photo folder, not small scans
+    image_size = cfg.image_size or default_image_size(backbone.patch_size, PHOTO_IMAGE_SIZE if photos else DEFAULT_IMAGE_SIZE)
+    check_image_size(image_size, backbone.patch_size)
 
     t = time.perf_counter()
     store = out / "store"

@@ -324,8 +324,9 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
     """Run (or resume) a sweep: ``trials`` more trials over ``workers`` processes, then write results.
 
     ``threads`` is torch's thread count in each worker (default 1: on small heads one thread per
-    process beats several threads, measured 5x under load). ``out`` receives trials.csv, summary.json, the Pareto / importance PNGs and run dirs of up to
-    ``top`` Pareto-optimal feasible trials (``runs/trial-NNNNN``), each exportable with ``export``.
+    process beats several threads, measured 5x under load). ``out`` receives trials.csv,
+    summary.json, the Pareto / importance PNGs and run dirs of up to ``top`` Pareto-optimal
+    feasible trials (``runs/trial-NNNNN``), each exportable with ``export``.
     """
     import multiprocessing as mp
 
