@@ -189,7 +189,12 @@ def test_sweep_cli_writes_results_and_resumes(store: Path, space_file: Path, tmp
     assert {"certified_coverage", "augrc", "feasible", "constraint.fnr_exit", "param.head", "attr.reason",
             "attr.certified"} <= set(header)
     best = json.loads((out / "summary.json").read_text())["best"]
-    assert best["run_dir"] == str(runs[0]) or best["run_dir"] in map(str, runs)
+    assert best["run_dir"] in map(str, runs)
+    # the run dir reproduces its trial (seeded training): same val_select coverage and AUGRC
+    run_metrics = json.loads((Path(best["run_dir"]) / "eval_val_select" / "metrics.json").read_text())
+    trial = study.trials[best["trial"]]
+    assert run_metrics["coverage"] == pytest.approx(trial.user_attrs["result"]["coverage"], abs=1e-9)
+    assert run_metrics["augrc"] == pytest.approx(trial.values[1], rel=1e-6)
 
     # same study name: resumes, and the trial counts add up (the TPE seed differs per resume)
     res = CliRunner().invoke(cli.main, [*args, "--trials", "2"])

@@ -96,7 +96,8 @@ def fit_trial(data: SweepData, head_name: str, head_params: dict[str, Any], poli
     from heads import HEADS
     from policies import POLICIES
 
-    head = HEADS.create(head_name, **{"seed": seed, **head_params})
+    # threads=0: the head keeps torch's thread count, which the worker set from --threads
+    head = HEADS.create(head_name, **{"seed": seed, "threads": 0, **head_params})
     head.fit(data.x["train"], data.y["train"], X_val=data.x["val_select"], y_val=data.y["val_select"])
     scores = {s: head.predict_scores(data.x[s]) for s in ("val_select", "val_calib")}
     policy = POLICIES.create(policy_name, **{"seed": seed, **policy_params})
@@ -513,7 +514,7 @@ def write_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict
         raise FileExistsError(f"{run_dir}: holds another run; use another --out")
     pp = dict(policy_params)
     score = pp.pop("score", "p")
-    train_run(data.store_path, head, run_dir, {"seed": seed, **head_params}, progress=False)
+    train_run(data.store_path, head, run_dir, {"seed": seed, "threads": 0, **head_params}, progress=False)
     calibrate_run(run_dir, policy, {"seed": seed, **pp}, score=score)
     for split in ("val_select", "test"):
         evaluate_run(run_dir, split)
