@@ -61,7 +61,7 @@ def extract(images, labels, backbone, out, batch_size, image_size, dtype, views,
         if isinstance(exc, (ProvenanceMismatch, StoreError)):
             raise click.ClickException(str(exc)) from None
         raise click.UsageError(str(exc)) from None
-    except (StoreBusy, FileNotFoundError, RuntimeError) as exc:
+    except (StoreBusy, OSError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     q = summary["quarantined"]
     click.echo(
