@@ -247,3 +247,15 @@ def test_imgfocus_bundles_fall_back_to_the_cached_backbone(monkeypatch, tmp_path
     manifest["backbone"]["weights_sha256"] = "0" * 64
     with pytest.raises(BundleError, match="not on this machine"):
         resolve_backbone(manifest, None)
+
+
+def test_predict_device_option(bundle: Path, trained_run: dict[str, Path]) -> None:
+    import torch
+
+    img = str(trained_run["images"] / "im00.png")
+    res = CliRunner().invoke(cli.main, ["predict", str(bundle), img, "--backbone", str(trained_run["backbone"]),
+                                        "--device", "cpu"])
+    assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[0])["path"] == img
+    if not torch.cuda.is_available():
+        _refused(["predict", str(bundle), img, "--backbone", str(trained_run["backbone"]), "--device", "cuda"],
+                 "cuda")

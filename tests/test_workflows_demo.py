@@ -30,7 +30,7 @@ def test_digits_are_written_once_as_a_binary_task(tmp_path: Path) -> None:
     assert (images / rows[0][0]).stat().st_mtime_ns == before  # not rewritten
 
 
-def test_idx_reader_round_trip(tmp_path: Path) -> None:
+def test_idx_reader_round_trip(tmp_path: Path, tiny_backbone_dir: Path) -> None:
     import gzip
 
     rng = np.random.default_rng(0)
@@ -50,6 +50,11 @@ def test_idx_reader_round_trip(tmp_path: Path) -> None:
     assert len(rows) == 30
     assert sum(r[2] == "test" for r in rows) == 10  # t10k stays the test set
     assert [int(r[1]) for r in rows if r[0].startswith("train")] == [int(c in demodata.FASHION_POSITIVE) for c in labs[:20]]
+    # the demo takes such a folder as --images directly (Fashion-MNIST from dataset-fashion-mnist)
+    res = CliRunner().invoke(cli.main, ["demo", "--backbone", str(tiny_backbone_dir), "--images", str(folder),
+                                        "--epochs", "1", "--heads", "mlp", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    assert "IDX images from" in res.stdout and "(input 64px)" in res.stdout  # patch 16: nearest to 56
     (folder / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\x01")
     with pytest.raises(ValueError, match="truncated"):
         demodata.read_idx(folder / "t10k-labels-idx1-ubyte")
@@ -98,12 +103,17 @@ def test_demo_on_a_user_folder_with_merged_csvs(tiny_backbone_dir: Path, tmp_pat
     res = CliRunner().invoke(cli.main, ["demo", "--backbone", str(tiny_backbone_dir), "--image-size", "32",
                                         "--images", str(folder), "--labels", str(folder / "train.csv"),
                                         "--labels", f"{folder / 'val.csv'}=test", "--epochs", "1",
-                                        "--heads", "mlp", "--out", str(out)])
+                                        "--heads", "mlp", "--out", str(out), "--seed", "3", "--delta", "0.3",
+                                        "--alpha", "0.2", "--batch-size", "4"])
     assert res.exit_code == 0, res.output
+    policy = json.loads((out / "runs" / "mlp" / "policy.json").read_text())
+    assert policy["policy"] == "ltt" and policy["params"]["delta"] == 0.3 and policy["params"]["alpha"] == 0.2
+    assert policy["params"]["seed"] == 3
+    assert json.loads((out / "runs" / "mlp" / "config.json").read_text())["hparams"]["seed"] == 3
     merged = (out / "labels.csv").read_text().splitlines()
     assert merged[0] == "path,label,split" and sum(line.endswith(",test") for line in merged) == 10
     splits = json.loads((out / "store" / "splits.json").read_text())
-    assert len(splits["rows"]["test"]) >= 10
+    assert len(splits["rows"]["test"]) >= 10 and splits["seed"] == 3
 
 
 def test_demo_usage_errors(tiny_backbone_dir: Path, tmp_path: Path) -> None:

@@ -173,7 +173,8 @@ def test_sweep_cli_writes_results_and_resumes(store: Path, space_file: Path, tmp
     for run in runs:  # standard run dirs: export works on them
         for f in ("config.json", "head.safetensors", "policy.json", "metrics.json", "scores.safetensors"):
             assert (run / f).is_file(), (run, f)
-        assert json.loads((run / "config.json").read_text())["sweep"]["study"] == "s"
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["sweep"]["study"] == "s" and cfg["hparams"]["seed"] == 1  # --seed reaches the heads
     # features imported from arrays pin no backbone: export says so instead of making a bundle
     res = CliRunner().invoke(cli.main, ["export", str(runs[0]), "--out", str(tmp_path / "bundle")])
     assert res.exit_code == 1 and "not extracted from images" in res.output and not (tmp_path / "bundle").exists()

@@ -102,7 +102,7 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
 
     try:
         predictor = Stage1Predictor.from_bundle(bundle, backbone=backbone, device=device)
-    except (BundleError, FileNotFoundError, ValueError) as exc:
+    except (BundleError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     paths = expand_inputs(images)
     n = errors = 0
