@@ -233,16 +233,20 @@ def evaluate_policies(run: Path) -> list[dict[str, Any]]:
     """Fit each policy on val_calib, score on test; one row per policy (what calibrate + evaluate do)."""
     from policies import POLICIES
     from policies.evaluate import evaluation_metrics
+    from policies.metrics import selective_risks
 
     from heads import rundir
 
     cfg = rundir.read_config(run)
     cal_scores, cal_y, _, _ = rundir.split_scores(run, "val_calib")
     te_scores, te_y, _, _ = rundir.split_scores(run, "test")
+    vs_scores, vs_y, _, _ = rundir.split_scores(run, "val_select")
     rows = []
     for pname, (policy, params) in policy_specs(run.name, bool(cfg["head_has_selector"])).items():
         pol = POLICIES.create(policy, **params).fit(cal_scores, cal_y)
         m = evaluation_metrics(te_y, te_scores, pol.decide(te_scores))
+        dv = pol.decide(vs_scores)
+        mv = selective_risks(vs_y, dv.label.astype(np.int64), dv.exit)
         certifying = pol.guarantee != "none"
         rows.append({
             "head_run": run.name, "head": cfg["head"], "policy": pname, "guarantee": pol.guarantee,
@@ -251,8 +255,42 @@ def evaluate_policies(run: Path) -> list[dict[str, Any]]:
             **{k: m[k] for k in ("accuracy", "augrc", "ece", "ece_uncalibrated", "coverage", "selective_error",
                                  "fnr_exit", "miss_rate", "n", "n_pos")},
             "certified_coverage": (m["coverage"] if pol.certified else 0.0) if certifying else None,
+            "within_target": within_target(policy, params, m) if certifying and pol.certified else None,
+            **{f"val_select_{k}": mv[k] for k in ("coverage", "fnr_exit", "selective_error", "miss_rate")},
         })
     return rows
+
+
+def within_target(policy: str, params: dict[str, Any], m: dict[str, Any]) -> bool:
+    """Realised test risks of a certified policy at or under its targets (NaN = nothing exited: ok)."""
+    def ok(v: float, target: float) -> bool:
+        return v is None or (isinstance(v, float) and math.isnan(v)) or v <= target + 1e-12
+
+    if policy == "crc":
+        return ok(m["miss_rate"], params["alpha"])
+    risk = {"fnr_exit": "fnr_exit", "selective_error": "selective_error"}[params["risk"]]
+    good = ok(m[risk], params["alpha"])
+    if params.get("eps") is not None:
+        good = good and ok(m["selective_error"], params["eps"])
+    return good
+
+
+def oracle_coverage_fnr_exit(run: Path, alpha: float = ALPHA) -> float:
+    """Diagnostic ceiling, NOT a policy: the largest test coverage any threshold pair on the raw p
+    reaches with test FNR_exit <= alpha, chosen with the test labels themselves."""
+    from scipy.special import softmax
+
+    from heads import rundir
+
+    s, y, _, _ = rundir.split_scores(run, "test")
+    p = softmax(s["logits"].astype(np.float64), axis=1)[:, 1]
+    pos_exit1 = int(((p >= 0.5) & (y == 1)).sum())
+    best = float((p >= 0.5).mean())
+    for t in np.unique(p[p < 0.5]):
+        miss = int(((p <= t) & (y == 1)).sum())
+        if miss <= alpha * (pos_exit1 + miss):
+            best = max(best, float(((p >= 0.5) | (p <= t)).mean()))
+    return best
 
 
 def cli_roundtrip(run: Path) -> dict[str, Any]:
@@ -320,6 +358,7 @@ def run_dataset(name: str, store: Path, runs_root: Path) -> dict[str, Any]:
         rows += evaluate_policies(run)
     res = {"rows": rows, "summary": summarise(name, rows),
            "ece_by_calibrator": {n: best_calibrated_ece(r) for n, r in runs.items()},
+           "oracle_test_coverage_fnr_exit": {n: oracle_coverage_fnr_exit(r) for n, r in runs.items()},
            "cli_roundtrip_mlp": cli_roundtrip(runs["mlp"]),
            "training_seconds": {n: json.loads((r / "config.json").read_text())["training"]["seconds_fit"]
                                 for n, r in runs.items()}}
@@ -343,7 +382,7 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = ["head_run", "policy", "accuracy", "augrc", "ece", "coverage", "certified", "fnr_exit",
-            "selective_error", "miss_rate", "n_needed"]
+            "selective_error", "miss_rate", "within_target", "n_needed", "val_select_miss_rate"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c), 4 if c == "augrc" else 3) for c in cols) + " |")
