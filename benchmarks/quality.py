@@ -213,20 +213,35 @@ def train_all(store: Path, runs: Path) -> dict[str, Path]:
     return out
 
 
+CALIBRATION_VARIANTS = {"cal": "temperature", "raw": None}
+
+
 def policy_specs(head_run: str, has_selector: bool) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Policies evaluated for one head run: name -> (policy, params)."""
+    """Policies evaluated for one head run: name -> (policy, params).
+
+    Names are ``{family}/{variant}[@select]``: family ltt_fnr_exit / ltt_selective_error / ltt_both /
+    crc_miss_rate; variant ``cal`` = the policies' default (temperature fit on 30% of val_calib,
+    thresholds certified on the other 70%) or ``raw`` = no calibrator, all of val_calib certifies
+    (max-softmax is monotone in the temperature, so the same exit sets are reachable);
+    ``@select`` thresholds the head's learned selector instead of the probability.
+    """
     scores = ["select", "p"] if has_selector else ["p"]
     specs: dict[str, tuple[str, dict[str, Any]]] = {}
     for sc in scores:
         tag = "" if sc == "p" else "@select"
-        for name, params in LTT.items():
-            specs[name + tag] = ("ltt", {**params, "score": sc})
-        specs["crc_miss_rate" + tag] = ("crc", {"alpha": ALPHA, "score": sc})
+        for variant, cal in CALIBRATION_VARIANTS.items():
+            for name, params in LTT.items():
+                specs[f"{name}/{variant}{tag}"] = ("ltt", {**params, "score": sc, "calibrator": cal})
+            specs[f"crc_miss_rate/{variant}{tag}"] = ("crc", {"alpha": ALPHA, "score": sc, "calibrator": cal})
     if head_run == "seed_mlp":
         specs["seed_softmax_0.88"] = ("threshold", {"threshold": 0.88, "score": "p", "calibrator": None})
     if head_run == "seed_gate":
         specs["seed_gate_0.90"] = ("threshold", {"threshold": 0.90, "score": "select", "calibrator": None})
     return specs
+
+
+def family(policy_name: str) -> str:
+    return policy_name.split("/")[0]
 
 
 def evaluate_policies(run: Path) -> list[dict[str, Any]]:
@@ -320,34 +335,57 @@ def best_calibrated_ece(run: Path) -> dict[str, float]:
     return out
 
 
-def summarise(dataset: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best certified coverage among the new heads vs the seed MLP under the same ltt policy."""
-    def pick(pred: Any) -> list[dict[str, Any]]:
-        return [r for r in rows if pred(r)]
+def head_metrics(run: Path) -> dict[str, Any]:
+    """Head-level test metrics independent of any policy: accuracy and AUGRC of its own ``select``
+    score and of max-softmax, and the positive-class ECE after each calibrator (fit on val_calib)."""
+    from scipy.special import softmax
 
+    from heads import rundir
+    from policies import metrics as M
+
+    s, y, _, _ = rundir.split_scores(run, "test")
+    p = softmax(s["logits"].astype(np.float64), axis=1)[:, 1]
+    err = ((p >= 0.5).astype(np.int64) != y).astype(np.int64)
+    ece = best_calibrated_ece(run)
+    best_cal = min((k for k in ece if k != "identity"), key=ece.get)
+    return {"accuracy": float(1 - err.mean()), "augrc_select": M.augrc(s["select"].astype(np.float64), err),
+            "augrc_maxp": M.augrc(np.maximum(p, 1 - p), err), "ece_by_calibrator": ece,
+            "ece_best_calibrated": ece[best_cal], "best_calibrator": best_cal,
+            "oracle_test_coverage_fnr_exit": oracle_coverage_fnr_exit(run),
+            "oracle_test_coverage_selective_error": max(M.coverage_at_risk(np.maximum(p, 1 - p), err, ALPHA),
+                                                        M.coverage_at_risk(s["select"].astype(np.float64), err, ALPHA))}
+
+
+def summarise(rows: list[dict[str, Any]], heads_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per risk family: best certified coverage of the new heads (any variant / score) vs the seed
+    MLP's best under the same ltt family; AUGRC of the best head vs the seed MLP."""
     out: dict[str, Any] = {}
-    for key in LTT:
-        seed = [r for r in pick(lambda r: r["head_run"] == "seed_mlp" and r["policy"] == key)]
-        seed_cov = seed[0]["certified_coverage"] if seed else None
-        cands = pick(lambda r: not r["head_run"].startswith("seed") and r["policy"].split("@")[0] == key)
-        best = max(cands, key=lambda r: r["certified_coverage"] or 0.0) if cands else None
+    for fam in [*LTT, "crc_miss_rate"]:
+        fam_rows = [r for r in rows if family(r["policy"]) == fam]
+        seed = [r for r in fam_rows if r["head_run"] == "seed_mlp"]
+        new = [r for r in fam_rows if not r["head_run"].startswith("seed")]
+        best_seed = max(seed, key=lambda r: r["certified_coverage"] or 0.0) if seed else None
+        best = max(new, key=lambda r: r["certified_coverage"] or 0.0) if new else None
+        seed_cov = best_seed["certified_coverage"] if best_seed else None
+        best_cov = best["certified_coverage"] if best else None
         ratio = None
-        if best is not None and seed_cov:
-            ratio = (best["certified_coverage"] or 0.0) / seed_cov
-        elif best is not None and (best["certified_coverage"] or 0.0) > 0:
+        if seed_cov and best_cov is not None:
+            ratio = best_cov / seed_cov
+        elif best_cov:
             ratio = math.inf
-        out[key] = {"seed_mlp_certified_coverage": seed_cov,
-                    "best": None if best is None else {k: best[k] for k in ("head_run", "policy", "certified_coverage",
-                                                                            "fnr_exit", "selective_error")},
-                    "ratio_vs_seed": ratio}
-    seed_augrc = [r["augrc"] for r in rows if r["head_run"] == "seed_mlp" and r["policy"] == "ltt_both"]
-    head_augrc = {r["head_run"]: r["augrc"] for r in rows
-                  if not r["head_run"].startswith("seed") and r["policy"].split("@")[0] == "ltt_both"
-                  and (r["policy"].endswith("@select") or r["head_run"] in ("mlp", "crc"))}
-    if seed_augrc and head_augrc:
-        best_run = min(head_augrc, key=head_augrc.get)
-        out["augrc"] = {"seed_mlp": seed_augrc[0], "best_head": best_run, "best": head_augrc[best_run],
-                        "ratio_vs_seed": head_augrc[best_run] / seed_augrc[0]}
+        keys = ("head_run", "policy", "certified_coverage", "fnr_exit", "selective_error", "miss_rate", "within_target")
+        out[fam] = {"seed_mlp": None if best_seed is None else {k: best_seed[k] for k in keys},
+                    "best_new_head": None if best is None else {k: best[k] for k in keys},
+                    "ratio_vs_seed": ratio,
+                    "all_certified_within_target": all(r["within_target"] for r in fam_rows if r["certified"])}
+    new_heads = {k: v for k, v in heads_info.items() if not k.startswith("seed")}
+    best_run = min(new_heads, key=lambda k: min(new_heads[k]["augrc_select"], new_heads[k]["augrc_maxp"]))
+    best_augrc = min(new_heads[best_run]["augrc_select"], new_heads[best_run]["augrc_maxp"])
+    seed_augrc = heads_info["seed_mlp"]["augrc_maxp"]
+    out["augrc"] = {"seed_mlp": seed_augrc, "best_head": best_run, "best": best_augrc,
+                    "ratio_vs_seed": best_augrc / seed_augrc}
+    out["ece_best_calibrated"] = {k: {"ece": v["ece_best_calibrated"], "calibrator": v["best_calibrator"]}
+                                  for k, v in heads_info.items()}
     return out
 
 
@@ -356,13 +394,11 @@ def run_dataset(name: str, store: Path, runs_root: Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for run in runs.values():
         rows += evaluate_policies(run)
-    res = {"rows": rows, "summary": summarise(name, rows),
-           "ece_by_calibrator": {n: best_calibrated_ece(r) for n, r in runs.items()},
-           "oracle_test_coverage_fnr_exit": {n: oracle_coverage_fnr_exit(r) for n, r in runs.items()},
-           "cli_roundtrip_mlp": cli_roundtrip(runs["mlp"]),
-           "training_seconds": {n: json.loads((r / "config.json").read_text())["training"]["seconds_fit"]
-                                for n, r in runs.items()}}
-    return res
+    heads_info = {n: head_metrics(r) for n, r in runs.items()}
+    return {"rows": rows, "heads": heads_info, "summary": summarise(rows, heads_info),
+            "cli_roundtrip_mlp": cli_roundtrip(runs["mlp"]),
+            "training_seconds": {n: json.loads((r / "config.json").read_text())["training"]["seconds_fit"]
+                                 for n, r in runs.items()}}
 
 
 # ------------------------------------------------------------------------------ report
@@ -381,11 +417,44 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["head_run", "policy", "accuracy", "augrc", "ece", "coverage", "certified", "fnr_exit",
-            "selective_error", "miss_rate", "within_target", "n_needed", "val_select_miss_rate"]
+    """Every (head run, policy) row."""
+    cols = ["head_run", "policy", "coverage", "certified", "fnr_exit", "selective_error", "miss_rate",
+            "within_target", "n_needed", "val_select_miss_rate"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c), 4 if c == "augrc" else 3) for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(res: dict[str, Any]) -> str:
+    """One row per head run: head metrics and its best certified coverage per risk family."""
+    cols = ["head_run", "accuracy", "AUGRC select / maxp", "ECE raw -> best calibrated",
+            "cert. cov. FNR_exit<=2%", "cert. cov. sel.err<=2%", "cert. cov. both", "test FNR_exit / sel.err (both)",
+            "CRC cov. / test miss", "oracle cov. FNR_exit / sel.err (test labels)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for run, h in res["heads"].items():
+        mine = [r for r in res["rows"] if r["head_run"] == run]
+
+        def best(fam: str) -> dict[str, Any] | None:
+            rs = [r for r in mine if family(r["policy"]) == fam]
+            return max(rs, key=lambda r: r["certified_coverage"] or 0.0) if rs else None
+
+        def cov(fam: str) -> str:
+            b = best(fam)
+            if b is None or not b["certified"]:
+                return "0 (n_needed " + fmt(min((r["n_needed"] or 10**9) for r in mine if family(r["policy"]) == fam)) + ")"
+            return f"{b['certified_coverage']:.3f} ({b['policy'].split('/', 1)[1]})"
+
+        both = best("ltt_both")
+        crc = best("crc_miss_rate")
+        lines.append("| " + " | ".join([
+            run, fmt(h["accuracy"]), f"{h['augrc_select']:.4f} / {h['augrc_maxp']:.4f}",
+            f"{h['ece_by_calibrator']['identity']:.3f} -> {h['ece_best_calibrated']:.3f} ({h['best_calibrator']})",
+            cov("ltt_fnr_exit"), cov("ltt_selective_error"), cov("ltt_both"),
+            "-" if not both or not both["certified"] else f"{fmt(both['fnr_exit'])} / {fmt(both['selective_error'])}",
+            "-" if not crc or not crc["certified"] else f"{crc['coverage']:.3f} / {crc['miss_rate']:.3f}",
+            f"{h['oracle_test_coverage_fnr_exit']:.3f} / {h['oracle_test_coverage_selective_error']:.3f}",
+        ]) + " |")
     return "\n".join(lines)
 
 
@@ -421,13 +490,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["store"] = {k: info.get(k) for k in ("rows", "dim", "views", "dtype")}
         res["splits"] = json.loads((st / "splits.json").read_text())["counts"]
         results["datasets"][name] = res
-    ratios = [results["datasets"][p]["summary"]["ltt_both"]["ratio_vs_seed"] for p in PAIRS if p in results["datasets"]]
-    results["certified_coverage_ratio_vs_seed"] = min(ratios) if ratios and None not in ratios else None
+    for fam in LTT:
+        ratios = [results["datasets"][p]["summary"][fam]["ratio_vs_seed"] for p in PAIRS if p in results["datasets"]]
+        ok = ratios and all(r is not None for r in ratios)
+        results[f"certified_coverage_ratio_vs_seed_{fam}"] = min(ratios) if ok else None
+    results["certified_coverage_ratio_vs_seed"] = results["certified_coverage_ratio_vs_seed_ltt_both"]
     for name, res in results["datasets"].items():
         print(f"\n## {name}\n")
-        print(markdown_table(res["rows"]))
+        print(summary_table(res))
+        print(f"\n<details><summary>all policies</summary>\n\n{markdown_table(res['rows'])}\n\n</details>")
         print(json.dumps(res["summary"], indent=1, default=str))
-    print(f"\ncertified_coverage_ratio_vs_seed = {results['certified_coverage_ratio_vs_seed']}")
+    for fam in LTT:
+        print(f"certified_coverage_ratio_vs_seed_{fam} = {results[f'certified_coverage_ratio_vs_seed_{fam}']}")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     return results
