@@ -227,6 +227,8 @@ class Head:
         """Train on X [n, D] or [n, V, D] (all views used) and y [n]; val = early stopping."""
         x, yt = self._check_xy(X, y)
         assert yt is not None
+        if (X_val is None) != (y_val is None):
+            raise ValueError(f"{self.registry_name}: give both X_val and y_val (early stopping needs labels) or neither")
         xv, yv = (None, None) if X_val is None else self._check_xy(X_val, y_val)
         self._fit_tensors(x, yt, xv, yv)
         return self

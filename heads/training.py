@@ -126,6 +126,8 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
         "head_has_selector": bool(getattr(head, "HAS_SELECTOR", False)),
         "hparams": head.get_params(),
         "training": {"history": hist, "unlabelled_train_rows_skipped": int((~keep_tr).sum()),
+                     "early_stopping_on": "val_select" if x_val is not None and head.hparams["early_stopping"]
+                     else "none (fixed epochs, last weights kept)",
                      "seconds_load": round(t_load, 3), "seconds_fit": round(t_fit, 3),
                      "val_select": val_summary},
         "environment": {"python": platform.python_version(), "torch": _torch_version(), "threads": _threads()},

@@ -52,6 +52,8 @@ def test_train_writes_the_run_folder(run: Path, store: Path) -> None:
     assert cfg["store"]["views"] == 2 and cfg["store"]["dim"] == 8
     assert (run / "splits.json").read_bytes() == (store / "splits.json").read_bytes()
     assert cfg["training"]["history"]["epochs_run"] >= 1
+    assert cfg["training"]["early_stopping_on"] == "val_select"
+    assert cfg["splits"]["train"]["labelled"] + cfg["training"]["unlabelled_train_rows_skipped"] == cfg["splits"]["train"]["n"]
 
 
 def test_scores_match_the_saved_head_on_view0(run: Path, store: Path) -> None:

@@ -117,6 +117,8 @@ def test_bad_inputs_have_clear_errors(name: str) -> None:
     head = make(name)
     with pytest.raises(ValueError, match=r"\[n, D\]"):
         head.fit(np.zeros((4,), np.float32), np.zeros(4))
+    with pytest.raises(ValueError, match="both X_val and y_val"):
+        head.fit(np.zeros((4, 3), np.float32), np.array([0, 1, 1, 0]), X_val=np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="labels must be 0 or 1"):
         head.fit(np.zeros((4, 3), np.float32), np.array([0, 1, -1, 0]))
     x, y = tiny_data(n=64)
