@@ -24,9 +24,8 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
-from .base import Head
+from .mlp import MLPHead
 from .registry import HEADS
 
 
@@ -69,8 +68,11 @@ def crc_soft_terms(p1: torch.Tensor, y: torch.Tensor, alpha: float, bandwidth: f
 
 
 @HEADS.register("crc")
-class CRCHead(Head):
-    """Classifier trained end to end through a simulated conformal risk control step."""
+class CRCHead(MLPHead):
+    """Classifier trained end to end through a simulated conformal risk control step.
+
+    Same network as ``mlp`` (trunk + class layer); only the loss differs.
+    """
 
     HPARAMS: dict[str, Any] = {
         "batch_size": 512,
@@ -87,13 +89,6 @@ class CRCHead(Head):
             raise ValueError(f"crc: crc_alpha must be in (0, 1), got {self.hparams['crc_alpha']}")
         if float(self.hparams["crc_temperature"]) <= 0:
             raise ValueError(f"crc: crc_temperature must be > 0, got {self.hparams['crc_temperature']}")
-
-    def build_layers(self, width: int) -> nn.ModuleDict:
-        return nn.ModuleDict({"cls": nn.Linear(width, 2)})
-
-    @staticmethod
-    def forward_outputs(layers: nn.ModuleDict, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": layers["cls"](z)}
 
     def loss(self, outputs: dict[str, torch.Tensor], y: torch.Tensor, **extras: torch.Tensor) -> torch.Tensor:
         h = self.hparams
