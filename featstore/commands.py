@@ -163,7 +163,7 @@ def export_features(store, fmt, out) -> None:
 @click.argument("file", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New store folder.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="Stored precision (default: the file's, float32 otherwise).")
-@click.option("--chunk-rows", default=4096, show_default=True, type=int, help="Rows per Zarr chunk.")
+@click.option("--chunk-rows", default=4096, show_default=True, type=click.IntRange(min=1), help="Rows per Zarr chunk.")
 def import_features(file, out, dtype, chunk_rows) -> None:
     """Make a store from features cached elsewhere: HDF5 or .npz with features, labels, optional ids.
 

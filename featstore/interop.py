@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -135,16 +136,24 @@ def read_features_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             out["provenance"] = json.loads((p / "provenance.json").read_text(encoding="utf-8"))
     elif p.suffix.lower() == ".npz":
         out["format"] = "npz"
+        if not zipfile.is_zipfile(p):
+            raise StoreError(f"{where}: not a .npz (zip) file; save it with np.savez")
         try:
             with np.load(p, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except ValueError as exc:
             raise StoreError(f"{where}: cannot read without pickle ({exc}); store ids as a str array, not objects") from None
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise StoreError(f"{where}: damaged .npz file ({exc}); save it again with np.savez") from None
     elif p.suffix.lower() in (".h5", ".hdf5", ".hdf"):
         import h5py
 
         out["format"] = "h5"
-        with h5py.File(p, "r") as f:
+        try:
+            f = h5py.File(p, "r")
+        except OSError as exc:
+            raise StoreError(f"{where}: not a readable HDF5 file ({exc}); write it with h5py") from None
+        with f:
             arrays = {}
             for key in ("features", "labels", "ids", "sha256"):
                 if key in f:

@@ -94,6 +94,8 @@ def parse_labels_csv(csv_path: str | os.PathLike[str]) -> tuple[list[ImageEntry]
             raise LabelsError(f"{where}: {len(row)} columns without a header; expected path,label[,split]")
         if start == 0 and len(row) == 3:
             has_split = True
+        if columns["path"] >= len(row):
+            raise LabelsError(f"{where}: {len(row)} column(s), no path in column {columns['path'] + 1}; fill in the row")
         path = _clean_path(row[columns["path"]], where)
         li = columns.get("label")
         label = _parse_label(row[li] if li is not None and li < len(row) else "", where)

@@ -77,18 +77,24 @@ def test_import_refuses_bad_files(tmp_path: Path) -> None:
     np.savez(tmp_path / "short.npz", features=feats, labels=np.array([0, 1]))
     np.savez(tmp_path / "objids.npz", features=feats, labels=np.zeros(3), ids=np.array(["a", None, "c"], dtype=object))
     (tmp_path / "x.csv").write_text("a,b")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     cases = {
         "nolabels.npz": "no 'labels' array",
         "badlabels.npz": "labels must be 0, 1 or -1",
         "short.npz": "2 labels for 3 feature rows",
         "objids.npz": "without pickle",
         "x.csv": "unknown format",
+        "junk.npz": "not a .npz",
+        "junk.h5": "not a readable HDF5 file",
     }
     for name, fragment in cases.items():
         with pytest.raises(StoreError, match=fragment):
             import_file(tmp_path / name, tmp_path / f"out-{name}")
     res = CliRunner().invoke(import_features, [str(tmp_path / "badlabels.npz"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "labels must be 0, 1 or -1" in res.output
+    res = CliRunner().invoke(import_features, [str(tmp_path / "badlabels.npz"), "--out", str(tmp_path / "o"), "--chunk-rows", "0"])
+    assert res.exit_code == 2 and "--chunk-rows" in res.output
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f["features"] = np.zeros((2, 3), np.int32)
         f["labels"] = np.zeros(2)

@@ -46,6 +46,7 @@ def test_header_columns_in_any_order_with_split(tmp_path: Path) -> None:
         ("a.jpg,0,train,extra\n", 1, "4 columns without a header"),
         ("path,label\n,1\n", 2, "empty path"),
         ("file,label\na.jpg,0\n", 1, "has no 'path' column"),
+        ("label,path\n1,a.jpg\n0\n", 3, "no path in column 2"),
     ],
 )
 def test_bad_rows_are_refused_naming_the_line(tmp_path: Path, text: str, line: int, fragment: str) -> None:
