@@ -128,3 +128,19 @@ def test_demo_usage_errors(tiny_backbone_dir: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli.main, ["demo", "--backbone", str(tiny_backbone_dir), "--images", str(tmp_path),
                                         "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "IDX" in res.output
+
+
+def test_demo_batch_size_reaches_extract_and_predict(tiny_backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """--batch-size sets how many images each backbone pass takes, in extract and in predict."""
+    from featstore.backbones import HFBackbone
+
+    sizes: list[int] = []
+    embed = HFBackbone.embed
+    monkeypatch.setattr(HFBackbone, "embed", lambda self, x: sizes.append(int(x.shape[0])) or embed(self, x))
+    res = CliRunner().invoke(cli.main, ["demo", "--backbone", str(tiny_backbone_dir), "--image-size", "32",
+                                        "--max-images", "60", "--epochs", "1", "--heads", "mlp", "--alpha", "0.3",
+                                        "--batch-size", "5", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    assert max(sizes) == 5 and sizes.count(5) >= 12  # 60 images extracted 5 at a time, then predict
+    preds = (tmp_path / "demo" / "predictions.jsonl").read_text().splitlines()
+    assert sum(sizes) == 60 + len(preds)  # every backbone pass is accounted for by extract + predict
