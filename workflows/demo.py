@@ -63,7 +63,6 @@ def merge_labels(specs: list[str], images: str, out_csv: Path) -> Path:
 
     E.g. TraCon: ``--labels train.csv --labels val.csv=test`` keeps its val set as our test set.
     """
-    from featstore.io import atomic_write_text
     from featstore.labels import parse_labels_csv
     from featstore.splits import SPLIT_NAMES
 
@@ -81,12 +80,18 @@ def merge_labels(specs: list[str], images: str, out_csv: Path) -> Path:
     if len(specs) == 1 and not any(s for _, _, s in rows) and "=" not in specs[0]:
         return Path(specs[0])
     seen: set[str] = set()
-    lines = ["path,label,split"]
-    for p, label, split in rows:
+    for p, _, _ in rows:
         if p in seen:
             raise ValueError(f"--labels: image {p} is listed twice across the CSVs; list each image once")
         seen.add(p)
-        lines.append(f"{_csv_field(p)},{'' if label < 0 else label},{split}")
+    return write_labels_csv(rows, out_csv)
+
+
+def write_labels_csv(rows: list[tuple[str, int, str]], out_csv: Path) -> Path:
+    """``path,label,split`` CSV of (path, label, split) rows (label < 0: unlabelled), written atomically."""
+    from featstore.io import atomic_write_text
+
+    lines = ["path,label,split"] + [f"{_csv_field(p)},{'' if label < 0 else label},{split}" for p, label, split in rows]
     atomic_write_text(out_csv, "\n".join(lines) + "\n")
     return out_csv
 
@@ -119,16 +124,12 @@ def prepare_data(cfg: DemoConfig, out: Path) -> tuple[str, Path, str]:
 
 
 def _subsample_csv(csv: Path, max_images: int, seed: int, out_csv: Path) -> Path:
-    from featstore.io import atomic_write_text
     from featstore.labels import parse_labels_csv
     from workflows.demodata import subsample
 
     entries, _ = parse_labels_csv(csv)
     keep = subsample(np.array([e.label for e in entries]), max_images, seed)
-    lines = ["path,label,split"] + [f"{_csv_field(entries[i].path)},{'' if entries[i].label < 0 else entries[i].label},"
-                                    f"{entries[i].split}" for i in keep]
-    atomic_write_text(out_csv, "\n".join(lines) + "\n")
-    return out_csv
+    return write_labels_csv([(entries[i].path, entries[i].label, entries[i].split) for i in keep], out_csv)
 
 
 def extract_store(cfg: DemoConfig, images: str, labels: Path, backbone: Any, backbone_path: str,
