@@ -260,18 +260,25 @@ def run_worker(store: str, study_name: str, storage_url: str, space_path: str, n
     space = SearchSpace.load(space_path)
     data = SweepData.load(store)
     study = open_study(make_storage(storage_url), study_name, sampler_seed)
+    optimize(study, make_objective(data, space, seed), n_trials, progress)
+    return n_trials
+
+
+def optimize(study: Any, objective: Any, n_trials: int, progress: bool) -> None:
+    """``study.optimize`` for ``n_trials`` trials (a failing trial is recorded, not fatal), with a tqdm bar."""
     bar = None
     callbacks = []
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_trials, desc=f"sweep {study_name}", unit="trial", file=sys.stderr)
+        bar = tqdm(total=n_trials, desc=f"sweep {study.study_name}", unit="trial", file=sys.stderr)
         callbacks.append(lambda _s, _t: bar.update(1))
-    study.optimize(make_objective(data, space, seed), n_trials=n_trials, callbacks=callbacks,
-                   catch=(ValueError, RuntimeError, FloatingPointError), gc_after_trial=False)
-    if bar is not None:
-        bar.close()
-    return n_trials
+    try:
+        study.optimize(objective, n_trials=n_trials, callbacks=callbacks,
+                       catch=(ValueError, RuntimeError, FloatingPointError), gc_after_trial=False)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _worker_entry(kwargs: dict[str, Any]) -> None:
@@ -355,17 +362,7 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
     if workers == 1 and jobs:
         _set_threads(threads)
         wstudy = open_study(make_storage(storage), study_name, jobs[0]["sampler_seed"])
-        callbacks = []
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=trials, desc=f"sweep {study_name}", unit="trial", file=sys.stderr)
-            callbacks.append(lambda _s, _t: bar.update(1))
-        wstudy.optimize(make_objective(data, sp, seed), n_trials=trials, callbacks=callbacks,
-                        catch=(ValueError, RuntimeError, FloatingPointError))
-        if bar is not None:
-            bar.close()
+        optimize(wstudy, make_objective(data, sp, seed), trials, progress)
         exit_codes = [0]
     elif jobs:
         ctx = mp.get_context("spawn")
