@@ -228,6 +228,19 @@ def test_sweep_usage_errors(store: Path, tmp_path: Path) -> None:
     assert res.exit_code != 0 and "split" in res.output
 
 
+def test_sweep_refuses_an_out_holding_other_runs(store: Path, space_file: Path, tmp_path: Path) -> None:
+    """A run dir of the same name from another study is not overwritten: a one-line error, no traceback."""
+    out = tmp_path / "out"
+    for n in range(4):
+        (out / "runs" / f"trial-{n:05d}").mkdir(parents=True)
+        (out / "runs" / f"trial-{n:05d}" / "config.json").write_text('{"sweep": {"study": "other", "trial": -1}}')
+    res = CliRunner().invoke(cli.main, ["sweep", str(store), "--study", "o", "--storage", f"sqlite:///{tmp_path / 'o.db'}",
+                                        "--space", str(space_file), "--out", str(out), "--seed", "1", "--trials", "4",
+                                        "--quiet"])
+    assert res.exit_code == 1 and "holds another run" in res.output, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
 def test_killed_sweep_resumes_with_two_workers(store: Path, space_file: Path, tmp_path: Path) -> None:
     """Kill a 2-worker sweep mid-way (SIGKILL to its whole process group); a second run adds its trials."""
     db = tmp_path / "studies.db"

@@ -46,7 +46,7 @@ def sweep(store: str, study_name: str, storage: str, trials: int, space: str | N
                            out=out, seed=seed, top=top, threads=threads, progress=not quiet)
     except FileNotFoundError as exc:
         raise click.UsageError(str(exc)) from None
-    except (KeyError, ValueError) as exc:
+    except (FileExistsError, KeyError, ValueError) as exc:
         raise click.ClickException(str(exc).strip('"')) from None
     click.echo(json.dumps(_plain(result.to_dict()), indent=2, sort_keys=True))
     bad = [c for c in result.worker_exit_codes if c != 0]
