@@ -21,7 +21,7 @@ from .optim import FSAM
 LossFn = Callable[..., torch.Tensor]
 ScoreFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
-#: selective objectives for early stopping: name -> (function(confidence, errors) -> value, higher_is_better)
+#: selective objectives for early stopping (see ``selective_objective``; all oriented lower = better)
 SELECT_METRICS = ("augrc", "aurc", "coverage_at_risk")
 
 

@@ -70,6 +70,7 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
               hparams: dict[str, Any], *, progress: bool = True, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train ``head_name`` with ``hparams`` on STORE's splits and write the run folder; a summary."""
     from featstore.io import sha256_file
+    from policies.base import json_safe
 
     from . import HEADS
 
@@ -132,7 +133,7 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
                      "val_select": val_summary},
         "environment": {"python": platform.python_version(), "torch": _torch_version(), "threads": _threads()},
     }
-    rundir.start_run(run, _json_clean(config))
+    rundir.start_run(run, json_safe(config))
     return {"run": str(run), "head": head_name, "best_epoch": None if hist is None else hist["best_epoch"],
             "epochs_run": None if hist is None else hist["epochs_run"], "seconds_fit": round(t_fit, 3),
             "val_select": val_summary, "splits": config["splits"]}
@@ -160,20 +161,6 @@ def _threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
-
-
-def _json_clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[str, Any],

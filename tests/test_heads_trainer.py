@@ -176,3 +176,26 @@ def test_without_early_stopping_runs_all_epochs_and_keeps_the_last() -> None:
                                                                    ema_decay=0.0, early_stopping=False),
                        x_val=x, y_val=1 - y)
     assert res.epochs_run == 6 and res.best_epoch == 5 and len(res.val_objective) == 6
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_grad_clip_bounds_the_stepped_gradient(monkeypatch: pytest.MonkeyPatch, clip: float) -> None:
+    x, y = _data()
+    seen: list[tuple[float, float]] = []
+    original = nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, **kw):
+        params = list(params)
+        original(params, max_norm, **kw)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        seen.append((float(max_norm), float(after)))
+
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", spy)
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, ema_decay=0.0, grad_clip=clip)
+    train_module(Probe(), lambda out, yb: nn.functional.cross_entropy(out["logits"], yb) * 100, _score, x, y, cfg)
+    if clip == 0:
+        assert seen == []  # 0 = off
+    else:
+        assert len(seen) == 2 * (128 // 32)  # every step is clipped at the configured norm
+        assert all(m == clip and after <= clip * (1 + 1e-4) for m, after in seen)
