@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, check_image_size, load_backbone
-from .images import MAX_PIXELS, RESIZE_RULE, BadImage, decode, draft_size_for, preprocess, read_bytes
+from .images import MAX_PIXELS, RESIZE_RULE, decode, draft_size_for, preprocess, quarantine_reason, read_bytes
 from .io import sha256_bytes
 from .labels import ImageEntry, image_list_sha256, list_images, parse_labels_csv
 from .store import DEFAULT_CHUNK_ROWS, Store
@@ -98,11 +98,8 @@ class WindowDataset(torch.utils.data.Dataset):
         for i in range(lo, hi):
             try:
                 arr, digest = decode_entry(self.spec, self.paths[i])
-            except BadImage as exc:
-                bad.append((i, exc.reason, exc.detail))
-                continue
-            except Exception as exc:  # never fatal to the run: quarantine with the error text
-                bad.append((i, "unreadable", f"{self.paths[i]}: {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # never fatal to the run: quarantine with the reason and error text
+                bad.append((i, *quarantine_reason(exc, self.paths[i])))
                 continue
             pixels.append(arr)
             good.append(i)

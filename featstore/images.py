@@ -57,6 +57,13 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
     return data
 
 
+def quarantine_reason(exc: Exception, name: str) -> tuple[str, str]:
+    """(reason, detail) for an error met while reading image ``name``: a BadImage's own, else "unreadable"."""
+    if isinstance(exc, BadImage):
+        return exc.reason, exc.detail
+    return "unreadable", f"{name}: {type(exc).__name__}: {exc}"
+
+
 def draft_size_for(size: int, views: int) -> int:
     """JPEG draft target: ``size`` for the clean view; larger when random crops (area >= 0.2) follow."""
     return size if views <= 1 else int(math.ceil(size / math.sqrt(0.2)))

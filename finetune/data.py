@@ -95,12 +95,12 @@ class ViewDataset(Dataset):
 def collect_items(
     images_dir: str | os.PathLike[str], entries: Sequence[Any], size: int
 ) -> tuple[list[Item], list[dict[str, str]], list[int]]:
-    """Check and hash every listed image: (usable items, quarantined {path, reason}, entry indices kept).
+    """Check and hash every listed image: (usable items, quarantined {path, reason, detail}, entry indices kept).
 
     Unreadable images are quarantined with the store's reason codes and reported, never fatal and
     never silently dropped. ``entries`` are ``featstore.labels.ImageEntry`` rows.
     """
-    from featstore.images import BadImage, decode, draft_size_for, read_bytes
+    from featstore.images import decode, draft_size_for, quarantine_reason, read_bytes
     from featstore.io import sha256_bytes
 
     root = Path(images_dir)
@@ -112,11 +112,9 @@ def collect_items(
         try:
             data = read_bytes(path)
             decode(data, entry.path, draft_size=draft_size_for(size, 1))
-        except BadImage as exc:
-            quarantined.append({"path": entry.path, "reason": exc.reason})
-            continue
-        except Exception as exc:  # as extract does: never fatal, quarantined with the error
-            quarantined.append({"path": entry.path, "reason": "unreadable"})
+        except Exception as exc:  # as extract does: never fatal, quarantined with the reason and error text
+            reason, detail = quarantine_reason(exc, entry.path)
+            quarantined.append({"path": entry.path, "reason": reason, "detail": detail})
             continue
         items.append(Item(str(path), entry.path, int(entry.label), sha256_bytes(data)))
         kept.append(index)

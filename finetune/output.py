@@ -83,7 +83,7 @@ def parent_record(backbone: Any) -> dict[str, Any]:
     from featstore.io import read_json
 
     record = dict(backbone.provenance())
-    lineage = Path(record.get("path", "")) / PROVENANCE_FILE
-    if lineage.exists():
+    lineage = Path(record["path"]) / PROVENANCE_FILE if record.get("path") else None
+    if lineage is not None and lineage.exists():
         record["lineage"] = read_json(lineage)
     return record

@@ -19,7 +19,7 @@ from .data import Item, ViewDataset, collect_items, content_sha256
 from .loop import Runtime, cls_features, enable_checkpointing
 from .output import check_out_dir, parent_record, save_adapted
 from .selfsup import AdaptConfig, train_selfsup
-from .supervised import SupervisedConfig, predict, train_supervised
+from .supervised import SupervisedConfig, train_supervised
 from .targets import block_indices, block_parameter_names, find_blocks, linear_targets, norm_parameter_names
 
 #: Levels of the store's validator-style views used as augmentation (finetune / adapt defaults).

@@ -47,8 +47,6 @@ class AdaptConfig:
     teacher_temp: float = 0.04
     center_momentum: float = 0.9
     ema: float = 0.996
-    min_level: int = 1
-    max_level: int = 3
     keep: str = "teacher"
     seed: int = 0
     workers: int = 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featstore.images import BadImage, MAX_PIXELS, decode, load_rgb, preprocess
+from featstore.images import BadImage, MAX_PIXELS, decode, load_rgb, preprocess, quarantine_reason
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
@@ -115,6 +115,8 @@ def test_bad_images_carry_reasons(tmp_path: Path) -> None:
         assert err.value.reason == reason, (name, str(err.value))
         assert name in str(err.value)
     assert load_rgb(good).size == (64, 64)
+    assert quarantine_reason(BadImage("truncated", "x.jpg: cut"), "x.jpg") == ("truncated", "x.jpg: cut")
+    assert quarantine_reason(MemoryError("too big"), "y.png") == ("unreadable", "y.png: MemoryError: too big")
 
 
 def test_pixel_limit_is_configurable(tmp_path: Path) -> None:

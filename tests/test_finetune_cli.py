@@ -66,7 +66,9 @@ def test_finetune_writes_a_backbone_that_loads_offline_and_feeds_extract(
     assert prov["parent"]["weights_sha256"] == sha256_file(tiny_backbone_dir / "model.safetensors")
     assert prov["output"]["weights_sha256"] == sha256_file(out / "model.safetensors")
     assert prov["method"]["peft"] == "dora" and prov["method"]["rank"] == 4 and prov["method"]["blocks"] == 1
-    assert prov["data"]["quarantined"] == [{"path": "broken.jpg", "reason": "not an image"}]
+    quarantined = prov["data"]["quarantined"]
+    assert [(q["path"], q["reason"]) for q in quarantined] == [("broken.jpg", "not an image")]
+    assert sorted(quarantined[0]) == ["detail", "path", "reason"] and "broken.jpg" in quarantined[0]["detail"]
     split = prov["data"]["split"]
     assert split["used"] == ["train", "val_select"] and split["n_train"] == split["counts"]["train"]["n"]
     # merged weights: a plain transformers model whose only changes are the last block's projections

@@ -105,6 +105,7 @@ def test_bad_images_are_quarantined_not_dropped(tmp_path: Path) -> None:
     assert [it.rel for it in good] == [items[0].rel, items[1].rel] and kept == [0, 3]
     assert good[0].sha256 == items[0].sha256
     assert {q["path"]: q["reason"] for q in quarantined} == {"broken.jpg": "not an image", "missing.png": "missing"}
+    assert all(q["path"] in q["detail"] for q in quarantined)  # the cause travels, as in extract's quarantine
 
 
 def test_gradient_checkpointing_and_amp(tiny_backbone_dir: Path) -> None:
