@@ -126,6 +126,10 @@ def test_predict_cli_streams_json_lines_and_reports_bad_images(bundle: Path, tra
     assert by_name["empty.jpg"]["reason"] == "zero bytes" and "error" in by_name["empty.jpg"]
     assert by_name["missing.jpg"]["reason"] == "missing"
     assert "error" in by_name["broken.png"]
+    for name in ("broken.png", "empty.jpg", "missing.jpg"):  # still a full, deferred answer
+        r = by_name[name]
+        assert PREDICT_KEYS <= set(r) and r["p_roadwork"] == 0.5 and r["decision"] == "defer"
+        assert r["label"] is None and r["pred_set"] == [0, 1] and r["level"] == "AMBIGUOUS"
     assert "5 image(s), 3 error(s)" in res.stderr
 
 
@@ -143,7 +147,7 @@ def test_p_roadwork_always_in_unit_interval(scale: float, seed: int, predictor) 
     feats = np.random.default_rng(seed).normal(size=(6, 32)).astype(np.float32) * np.float32(scale)
     feats[0] = np.nan  # a broken feature row gives an error record, not a crash or a NaN
     recs = pred.decide_features(feats)
-    assert "error" in recs[0]
+    assert "error" in recs[0] and recs[0]["decision"] == "defer" and recs[0]["p_roadwork"] == 0.5
     for r in recs[1:]:
         assert 0.0 <= r["p_roadwork"] <= 1.0 and r["decision"] in ("exit", "defer")
 

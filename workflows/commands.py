@@ -94,8 +94,8 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
 
     IMAGES are files or folders (searched recursively for image files). Each line has path,
     p_roadwork (in [0, 1]), decision (exit | defer), label (0 | 1 | null when deferred), pred_set,
-    select_score and level. An unreadable image gives a line with "error" instead. A bundle with a
-    modified file, an unknown schema version, or a backbone of other weights or width is refused.
+    select_score and level. An unreadable image still gets a deferred answer (p_roadwork 0.5,
+    level AMBIGUOUS) plus "error" and "reason". A bundle with a modified file, an unknown schema version, or a backbone of other weights or width is refused.
     """
     from workflows.bundle import BundleError
     from workflows.predictor import Stage1Predictor, expand_inputs

@@ -48,6 +48,16 @@ def resolve_backbone(manifest: dict[str, Any], backbone: str | os.PathLike[str] 
                       "to a folder with the same weights")
 
 
+def failed_record(error: str, reason: str) -> dict[str, Any]:
+    """The answer for an image that could not be scored: defer, flagged, with the error named.
+
+    Every line keeps the full schema, so a miner always has a ``p_roadwork`` in [0, 1] to send
+    (0.5, no information) and Stage-2 gets the image; ``error`` / ``reason`` say why.
+    """
+    return {"p_roadwork": 0.5, "decision": "defer", "label": None, "pred_set": [0, 1],
+            "select_score": None, "level": "AMBIGUOUS", "error": error, "reason": reason}
+
+
 class Stage1Predictor:
     """Backbone -> head -> exit policy, built from a verified bundle."""
 
@@ -122,7 +132,7 @@ class Stage1Predictor:
         ok = np.isfinite(logits).all(axis=1)
         if scores.get("select") is not None:
             ok &= np.isfinite(np.asarray(scores["select"], dtype=np.float64))
-        records: list[dict[str, Any]] = [{"error": "non-finite head output; image deferred"} for _ in range(len(ok))]
+        records = [failed_record("non-finite head output", "non_finite_output") for _ in range(len(ok))]
         if ok.any():
             sub = {k: np.asarray(v)[ok] for k, v in scores.items()}
             decision = self.policy.decide(sub)
@@ -163,9 +173,9 @@ class Stage1Predictor:
                 pixels.append(self.load_pixels(item))
                 good.append(i)
             except bad_image as exc:
-                out[i] = {"path": names[i], "error": str(exc), "reason": exc.reason}
+                out[i] = {"path": names[i], **failed_record(str(exc), exc.reason)}
             except Exception as exc:  # never fatal: report the image and carry on
-                out[i] = {"path": names[i], "error": f"{type(exc).__name__}: {exc}", "reason": "unreadable"}
+                out[i] = {"path": names[i], **failed_record(f"{type(exc).__name__}: {exc}", "unreadable")}
         if good:
             records = self.decide_features(self.embed(np.stack(pixels)))
             for i, rec in zip(good, records):
