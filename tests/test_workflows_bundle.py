@@ -183,6 +183,23 @@ def test_missing_file_and_edited_manifest_are_refused(bundle: Path, trained_run:
              "manifest_sha256", "edited")
 
 
+def test_manifest_listing_a_file_outside_the_bundle_is_refused(
+        bundle: Path, trained_run: dict[str, Path], tmp_path: Path) -> None:
+    from workflows.bundle import manifest_digest
+
+    b = _copy(bundle, tmp_path / "b")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of a bundle")
+    m = json.loads((b / "bundle.json").read_text())
+    from featstore.io import sha256_file
+
+    m["files"]["../outside.txt"] = sha256_file(outside)  # a correct hash of a file outside the bundle
+    m["manifest_sha256"] = manifest_digest(m)
+    (b / "bundle.json").write_text(json.dumps(m))
+    _refused(["predict", str(b), str(trained_run["images"]), "--backbone", str(trained_run["backbone"])],
+             "../outside.txt", "does not hold")
+
+
 def test_unknown_schema_version_is_refused(bundle: Path, trained_run: dict[str, Path], tmp_path: Path) -> None:
     b = _copy(bundle, tmp_path)
     m = json.loads((b / "bundle.json").read_text())

@@ -196,6 +196,10 @@ def verify_files(bundle: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [f for f in BUNDLE_FILES if f not in files]
     if missing:
         raise BundleError(f"{bundle / BUNDLE_JSON}: lists no hash for {', '.join(missing)}; re-export the run")
+    unexpected = sorted(set(files) - set(BUNDLE_FILES))
+    if unexpected:  # e.g. '../x': never hash or trust anything outside the bundle's own files
+        raise BundleError(f"{bundle / BUNDLE_JSON}: lists files a bundle does not hold ({', '.join(unexpected)}); "
+                          "re-export the run")
     for name, expected in files.items():
         path = bundle / name
         if not path.is_file():
