@@ -8,8 +8,9 @@ uninterrupted run and the features come out byte-identical.
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -196,10 +197,15 @@ def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
         except BaseException:
             store.close()
             raise
+        started_with = int(store.attrs.get("batch_size", cfg.batch_size))
+        if started_with != cfg.batch_size:  # same windows as the first run, so features stay byte-identical
+            sys.stderr.write(f"extract: resuming {out} with the batch size it was started with "
+                             f"({started_with}; --batch-size {cfg.batch_size} ignored)\n")
+            cfg = replace(cfg, batch_size=started_with)
     else:
         store = Store.create(
             out, len(entries), cfg.views, backbone.hidden_size, prov, dtype=cfg.dtype,
-            chunk_rows=cfg.chunk_rows, with_split=has_split, extra_attrs={"n_listed": len(entries)},
+            chunk_rows=cfg.chunk_rows, with_split=has_split, extra_attrs={"n_listed": len(entries), "batch_size": cfg.batch_size},
         )
     with store:
         return _extract_into(store, cfg, backbone, entries)

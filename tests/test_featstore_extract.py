@@ -133,8 +133,10 @@ def test_resume_after_interruption_is_identical(image_folder: Path, tiny_backbon
     stale = part / "features" / "c" / "junk.partial"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"half-written")
-    res = run_extract(image_folder, tiny_backbone_dir, part, "--workers", "0")
+    # another --batch-size on resume would regroup the batches: the store's own batch size is kept
+    res = run_extract(image_folder, tiny_backbone_dir, part, "--workers", "0", "--batch-size", "2")
     assert "5 images" in res.output  # resumed at entry 4 of 9
+    assert "batch size it was started with (3; --batch-size 2 ignored)" in res.output
     assert not stale.exists()
     a, b = featstore.open_store(full), featstore.open_store(part)
     assert a.rows == b.rows == 8
