@@ -82,10 +82,17 @@ def decode(
     """
     if not data:
         raise BadImage("zero bytes", f"{name} is empty")
+    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            # ``max_pixels`` is the one limit: PIL's own (which refuses at 2x its value) is lifted while
+            # the header is read, and the size is checked below before any pixel is decoded.
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                img = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
             w, h = img.size
             if w * h > max_pixels:
                 raise BadImage(

@@ -130,6 +130,18 @@ def test_pixel_limit_is_configurable(tmp_path: Path) -> None:
         decode(b"")
 
 
+def test_max_pixels_above_pils_own_limit_is_honoured(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # PIL alone would refuse 10,000 px (> 2x)
+    assert load_rgb(path, max_pixels=20_000).size == (100, 100)
+    assert Image.MAX_IMAGE_PIXELS == 1_000  # PIL's setting is restored afterwards
+    with pytest.raises(BadImage, match="decompression bomb"):
+        load_rgb(path, max_pixels=9_999)
+    with pytest.raises(BadImage, match="zero bytes"):
+        decode(b"")
+
+
 def test_preprocess_resizes_whole_image_and_normalises() -> None:
     img = Image.new("RGB", (50, 30), (255, 0, 128))
     mean, std = (0.5, 0.25, 0.1), (0.5, 0.25, 0.2)
