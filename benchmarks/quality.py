@@ -114,7 +114,7 @@ def prepare_fmnist(out: Path) -> dict[str, Path]:
     """Write the pair images once as PNG and one labels CSV (path,label,split) per pair."""
     from PIL import Image
 
-    from featstore.io import atomic_write_json, atomic_write_text
+    from featstore.io import atomic_path, atomic_write_json, atomic_write_text
     from workflows.demodata import find_idx, read_idx
 
     root = out / "fmnist"
@@ -138,9 +138,8 @@ def prepare_fmnist(out: Path) -> dict[str, Path]:
                 rel = f"images/{part}-{i:05d}.png"
                 target = root / rel
                 if not target.exists():
-                    tmp = target.with_name(f".{target.name}.partial")
-                    Image.fromarray(xs[i], mode="L").save(tmp, format="PNG")
-                    os.replace(tmp, target)
+                    with atomic_path(target, fsync=False) as tmp:
+                        Image.fromarray(xs[i], mode="L").save(tmp, format="PNG")
                 lines.append(f"{rel},{int(ys[i] == pos)},{split}")
         atomic_write_text(csvs[name], "\n".join(lines) + "\n")
         manifest["pairs"][name] = {"negative_class": neg, "positive_class": pos,

@@ -13,20 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from .io import PARTIAL_SUFFIX, atomic_write_json, sha256_file
+from .io import atomic_path, atomic_write_json, sha256_file
 from .store import DEFAULT_CHUNK_ROWS, Store, StoreError, write_store
 
 FORMATS = ("h5", "npy")
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def default_export_path(store_path: str | os.PathLike[str], fmt: str) -> Path:
@@ -58,10 +48,8 @@ def _blocks(store: Store):
 def _export_h5(store: Store, target: Path) -> None:
     import h5py
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(target)
     n = store.rows
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
         ds = f.create_dataset("features", shape=(n, store.views, store.dim), dtype=store.dtype)
         for s, e, block in _blocks(store):
             ds[s:e] = block
@@ -71,26 +59,21 @@ def _export_h5(store: Store, target: Path) -> None:
         f.attrs["provenance"] = json.dumps(store.provenance, sort_keys=True)
         f.attrs["source_store"] = str(store.path.resolve())
         f.attrs["schema_version"] = int(store.attrs.get("schema_version", 1))
-    _fsync_replace(tmp, target)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file handle: np.save would append .npy to a name
         np.save(fh, arr, allow_pickle=False)
-    _fsync_replace(tmp, path)
 
 
 def _export_npy(store: Store, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
-    path = target / "features.npy"
-    tmp = _tmp(path)
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=store.dtype, shape=(store.rows, store.views, store.dim))
-    for s, e, block in _blocks(store):
-        mm[s:e] = block
-    mm.flush()
-    del mm
-    _fsync_replace(tmp, path)
+    with atomic_path(target / "features.npy") as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=store.dtype, shape=(store.rows, store.views, store.dim))
+        for s, e, block in _blocks(store):
+            mm[s:e] = block
+        mm.flush()
+        del mm
     _save_npy(target / "labels.npy", store.labels)
     _save_npy(target / "ids.npy", store.ids)
     _save_npy(target / "sha256.npy", store.sha256)

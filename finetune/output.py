@@ -9,13 +9,12 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from featstore.io import atomic_write_json
+from featstore.io import atomic_dir, atomic_write_json
 
 SCHEMA_VERSION = 1
 PROVENANCE_FILE = "provenance.json"
@@ -50,10 +49,8 @@ def save_adapted(
     """
     from featstore.backbones import weights_sha256
 
-    out_path = check_out_dir(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
-    try:
+    out_path = check_out_dir(out)  # refuses a non-empty folder, so only an empty one is replaced
+    with atomic_dir(out_path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         for name in COPIED_FILES:
             src = Path(parent_dir) / name
@@ -69,12 +66,6 @@ def save_adapted(
             "output": {"weights_file": weights_file, "weights_sha256": sha},
         }
         atomic_write_json(tmp / PROVENANCE_FILE, record)
-        if out_path.exists():
-            out_path.rmdir()  # empty (checked above)
-        os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path
 
 

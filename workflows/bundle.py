@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +132,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
 
     Refuses an existing ``out`` unless ``force``; refuses a run without a head or a policy.
     """
-    from featstore.io import atomic_write_json, sha256_file
+    from featstore.io import atomic_dir, atomic_write_json, sha256_file
 
     run = Path(run_dir)
     missing = [f for f in ("config.json", *BUNDLE_FILES) if not (run / f).is_file()]
@@ -143,24 +142,12 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     out = Path(out)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_dir(out) as work:  # an existing bundle (--force) is swapped out only once this one verifies
         for name in BUNDLE_FILES:
             shutil.copyfile(run / name, work / name)
         files = {name: sha256_file(work / name) for name in BUNDLE_FILES}
         atomic_write_json(work / BUNDLE_JSON, build_manifest(run, files))
         verify_files(work)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-            os.rename(work, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return out
 
 

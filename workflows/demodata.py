@@ -43,30 +43,20 @@ def write_digits(out_dir: str | os.PathLike[str], max_images: int | None = None,
     The PNGs (all 1797) are written once into a temp folder that is renamed into place, so re-running
     is cheap and a crash never leaves a half-written folder; ``max_images`` only trims the CSV.
     """
-    import shutil
-    import tempfile
-
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from featstore.io import atomic_write_text
+    from featstore.io import atomic_dir, atomic_write_text
 
     digits = load_digits()
     labels = binary_labels(digits.target)
     images_dir = Path(out_dir) / "images"
     if not (images_dir / DONE_MARKER).is_file():
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".images.", suffix=".partial", dir=out_dir))
-        try:
+        with atomic_dir(images_dir) as work:  # an unfinished folder (no marker) is replaced whole
             for i, img in enumerate(digits.images):
                 pixels = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels, mode="L").save(work / f"d{i:04d}.png", format="PNG")
             (work / DONE_MARKER).write_text(f"{len(digits.images)} images from sklearn.datasets.load_digits\n")
-            if images_dir.exists():
-                shutil.rmtree(images_dir)
-            os.rename(work, images_dir)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     rows = subsample(labels, max_images, seed)
     lines = ["path,label"] + [f"d{i:04d}.png,{int(labels[i])}" for i in rows]
     csv = Path(out_dir) / "labels.csv"
@@ -112,7 +102,7 @@ def write_idx_images(idx_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     """Fashion-MNIST-style IDX files -> PNGs + labels.csv (train/t10k kept apart: t10k rows go to test)."""
     from PIL import Image
 
-    from featstore.io import atomic_write_text
+    from featstore.io import atomic_path, atomic_write_text
 
     found = find_idx(idx_dir)
     parts = [p for p in ("train", "t10k") if f"{p}-images" in found and f"{p}-labels" in found]
@@ -133,9 +123,8 @@ def write_idx_images(idx_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         name, label, split, pixels = all_rows[i]
         target = images_dir / name
         if not target.is_file():  # temp name + rename: never a half-written PNG (no fsync per file)
-            tmp = target.with_name(f".{name}.partial")
-            Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
-            os.replace(tmp, target)
+            with atomic_path(target, fsync=False) as tmp:
+                Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
         lines.append(f"{name},{label},{split}")
     csv = Path(out_dir) / "labels.csv"
     atomic_write_text(csv, "\n".join(lines) + "\n")

@@ -1,0 +1,38 @@
+"""Atomic writes: a failed write leaves the old file/folder and no temp behind; a good one replaces it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featstore.io import PARTIAL_SUFFIX, atomic_dir, atomic_path, atomic_write_bytes
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "a.bin"
+    atomic_write_bytes(target, b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"old"
+    with atomic_path(target, fsync=False) as tmp:
+        assert tmp.parent == target.parent and tmp.name.endswith(PARTIAL_SUFFIX)
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.bin"]
+
+
+def test_atomic_dir_swaps_in_a_whole_folder_or_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "bundle"
+    with atomic_dir(target) as work:
+        (work / "x").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as work:
+            (work / "y").write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert [p.name for p in target.iterdir()] == ["x"]
+    with atomic_dir(target) as work:
+        (work / "z").write_text("2")
+    assert [p.name for p in target.iterdir()] == ["z"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no work or old folders left
