@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    else f"fit {v['fit_s']:.4f}s  test NLL {v['test_nll']:.5f}"))
     print("(timings under load: shared 2-core CPU)")
     if args.json is not None:
-        from policies.base import json_safe
+        from featstore.io import json_safe
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(json_safe(res), indent=2, sort_keys=True) + "\n")

@@ -8,9 +8,8 @@ here once.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -287,7 +286,7 @@ class Head:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``head.safetensors`` (weights, buffers) and ``head.json`` (config) into ``path``."""
-        from featstore.io import atomic_write_json, save_safetensors_atomic
+        from featstore.io import atomic_write_json, json_safe, save_safetensors_atomic
 
         module = self._require_fitted()
         os.makedirs(path, exist_ok=True)
@@ -305,7 +304,7 @@ class Head:
             "training": None if self.history_ is None else self.history_.to_dict(),
             **self.extra_json(),
         }
-        atomic_write_json(os.path.join(path, HEAD_JSON), json.loads(json.dumps(meta, default=_json_default)))
+        atomic_write_json(os.path.join(path, HEAD_JSON), json_safe(meta))
 
     @classmethod
     def from_saved(cls, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> "Head":
@@ -322,18 +321,6 @@ class Head:
         if meta.get("training"):
             head.history_ = TrainResult(**meta["training"])
         return head
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, (tuple, np.ndarray)):
-        return list(obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 class HeadModule(nn.Module):

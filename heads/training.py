@@ -70,7 +70,7 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
               hparams: dict[str, Any], *, progress: bool = True, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train ``head_name`` with ``hparams`` on STORE's splits and write the run folder; a summary."""
     from featstore.io import sha256_file
-    from policies.base import json_safe
+    from featstore.io import json_safe
 
     from . import HEADS
 

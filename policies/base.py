@@ -20,29 +20,12 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
+from featstore.io import json_safe
 from policies.calibrators import CALIBRATORS, Calibrator, calibrator_from_dict
 from policies.decision import AMBIGUOUS, CONFIDENT_0, CONFIDENT_1, SET_01, UNCERTAIN, Decision
 
 SCHEMA_VERSION = 1
 SCORES = ("p", "select")
-
-
-def json_safe(obj: Any) -> Any:
-    """Plain-JSON copy: numpy scalars -> python, NaN / inf -> None (DESIGN artifacts are strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    return obj
 
 
 def _enc_threshold(t: float) -> float | str:

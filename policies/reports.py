@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from featstore.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from featstore.io import atomic_write_bytes, atomic_write_json, atomic_write_text, json_safe
 from policies import metrics as M
-from policies.base import json_safe
 from policies.evaluate import STABLE_KEYS
 
 METRICS_JSON = "metrics.json"

@@ -36,3 +36,22 @@ def test_atomic_dir_swaps_in_a_whole_folder_or_nothing(tmp_path: Path) -> None:
         (work / "z").write_text("2")
     assert [p.name for p in target.iterdir()] == ["z"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no work or old folders left
+
+
+def test_json_safe_makes_strict_json() -> None:
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from featstore.io import json_safe
+
+    @dataclasses.dataclass
+    class Hist:
+        loss: list
+
+    obj = {"a": np.float32(0.5), "b": np.int64(3), "c": (np.nan, np.inf), "d": np.array([1, 2]),
+           "e": np.bool_(True), "h": Hist([1.0, float("nan")]), 7: "k"}
+    out = json_safe(obj)
+    assert out == {"a": 0.5, "b": 3, "c": [None, None], "d": [1, 2], "e": True, "h": {"loss": [1.0, None]}, "7": "k"}
+    json.dumps(out, allow_nan=False)  # strict JSON, as atomic_write_json requires

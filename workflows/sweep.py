@@ -470,7 +470,7 @@ def write_plots(study: Any, out: Path) -> dict[str, str]:
 def write_outputs(study: Any, space: SearchSpace, data: SweepData, out: Path, result: SweepResult,
                   top: int, seed: int) -> None:
     """trials.csv, plots, run dirs of the top Pareto trials and summary.json under ``out``."""
-    from featstore.io import atomic_write_json
+    from featstore.io import atomic_write_json, json_safe
 
     out.mkdir(parents=True, exist_ok=True)
     write_trials_csv(out / "trials.csv", trial_rows(study))
@@ -487,7 +487,7 @@ def write_outputs(study: Any, space: SearchSpace, data: SweepData, out: Path, re
         result.best = {"trial": b.number, "values": dict(zip(OBJECTIVE_NAMES, b.values)),
                        "params": b.params, "user_attrs": b.user_attrs,
                        "run_dir": result.runs[0] if result.runs else None}
-    atomic_write_json(out / "summary.json", _json_ready(result.to_dict() | {
+    atomic_write_json(out / "summary.json", json_safe(result.to_dict() | {
         "objective": space.objective, "space": space.source, "pareto": [
             {"trial": t.number, "values": dict(zip(OBJECTIVE_NAMES, t.values)), "params": t.params}
             for t in front]}))
@@ -517,9 +517,3 @@ def write_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict
         evaluate_run(run_dir, split)
     rundir.update_config(run_dir, sweep=sweep)
     return run_dir
-
-
-def _json_ready(obj: Any) -> Any:
-    from policies.base import json_safe
-
-    return json_safe(obj)
