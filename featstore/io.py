@@ -17,6 +17,16 @@ from typing import Any, Iterator
 PARTIAL_SUFFIX = ".partial"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: mkstemp / mkdtemp create private (0600 / 0700) entries; finished files get the usual mode instead.
+_UMASK = _umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is (fsynced and) renamed onto ``path``.
@@ -31,6 +41,7 @@ def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Pa
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
         if fsync:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -53,6 +64,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent))
     try:
         yield work
+        os.chmod(work, 0o777 & ~_UMASK)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=PARTIAL_SUFFIX, dir=path.parent))
             os.replace(path, old / path.name)
@@ -81,7 +93,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def json_safe(obj: Any) -> Any:
-    """Plain-JSON copy: numpy scalars/arrays and dataclasses -> python, NaN / inf -> None.
+    """Plain-JSON copy: numpy scalars/arrays, dataclasses and paths -> python, NaN / inf -> None.
 
     Artifacts are strict JSON (``atomic_write_json`` refuses NaN), so everything goes through here.
     """
@@ -89,6 +101,8 @@ def json_safe(obj: Any) -> Any:
 
     import numpy as np
 
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return json_safe(dataclasses.asdict(obj))
     if isinstance(obj, dict):

@@ -55,3 +55,15 @@ def test_json_safe_makes_strict_json() -> None:
     out = json_safe(obj)
     assert out == {"a": 0.5, "b": 3, "c": [None, None], "d": [1, 2], "e": True, "h": {"loss": [1.0, None]}, "7": "k"}
     json.dumps(out, allow_nan=False)  # strict JSON, as atomic_write_json requires
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write_bytes(tmp_path / "f", b"x")
+    with atomic_dir(tmp_path / "d") as work:
+        (work / "x").write_text("1")
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask
