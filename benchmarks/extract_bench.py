@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -197,8 +196,9 @@ def main() -> None:
     for k, v in out.items():
         print(f"{k:40s} {v}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        from featstore.io import atomic_write_json, json_safe
+
+        atomic_write_json(args.json, json_safe(out))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -278,8 +277,9 @@ def main() -> None:
           f"adapt {s['adapt_step']:.1f} ({s['adapt_vs_frozen_forward']:.2f}x)")
     print(f"wall seconds: {result['train_s']}, total {result['total_s']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        from featstore.io import atomic_write_json, json_safe
+
+        atomic_write_json(args.json, json_safe(result))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the CPU may be shared. Usage: ``python benchmarks/heads_bench.py [--json PATH] [
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -154,8 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, r in per_head.items():
         print(f"default {name}: {r['seconds']:.2f} s for {r['epochs_run']} epochs (early stopping on val)")
     if args.json_path:
-        with open(args.json_path, "w", encoding="utf-8") as fh:
-            json.dump(out, fh, indent=2)
+        from featstore.io import atomic_write_json, json_safe
+
+        atomic_write_json(args.json_path, json_safe(out))
     return out
 
 

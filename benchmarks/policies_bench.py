@@ -11,7 +11,6 @@ abstain), a custom FNR_exit ``BinaryRisk`` and ``abstention_rate`` as the second
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -231,10 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    else f"fit {v['fit_s']:.4f}s  test NLL {v['test_nll']:.5f}"))
     print("(timings under load: shared 2-core CPU)")
     if args.json is not None:
-        from featstore.io import json_safe
+        from featstore.io import atomic_write_json, json_safe
 
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_safe(res), indent=2, sort_keys=True) + "\n")
+        atomic_write_json(args.json, json_safe(res))
     return res
 
 

