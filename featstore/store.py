@@ -358,14 +358,12 @@ class Store:
         """
         n_all = self.rows
         start, stop = 0, n_all
-        if rows is None:
-            idx: np.ndarray | None = None
-            start, stop = 0, n_all
-        elif isinstance(rows, slice):
+        idx: np.ndarray | None = None  # None: the contiguous rows [start, stop)
+        if isinstance(rows, slice):
             start, stop, step = rows.indices(n_all)
             idx = None if step == 1 else np.arange(start, stop, step)
             stop = max(start, stop)
-        else:
+        elif rows is not None:
             idx = np.asarray(rows, dtype=np.int64).reshape(-1)
             if idx.size and (idx.min() < 0 or idx.max() >= n_all):
                 raise IndexError(f"{self.path}: row index out of range 0..{n_all - 1} (committed rows)")
