@@ -69,8 +69,7 @@ class _EpochBar:
 def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathLike[str],
               hparams: dict[str, Any], *, progress: bool = True, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train ``head_name`` with ``hparams`` on STORE's splits and write the run folder; a summary."""
-    from featstore.io import sha256_file
-    from featstore.io import json_safe
+    from featstore.io import json_safe, sha256_file
 
     from . import HEADS
 
