@@ -27,10 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from featstore.backbones import load_backbone  # noqa: E402
-from featstore.extract import ExtractConfig, run_extract  # noqa: E402
-from featstore.images import BadImage, load_rgb, preprocess  # noqa: E402
-from featstore.store import Store, write_store  # noqa: E402
+from stage1.featstore.backbones import load_backbone  # noqa: E402
+from stage1.featstore.extract import ExtractConfig, run_extract  # noqa: E402
+from stage1.featstore.images import BadImage, load_rgb, preprocess  # noqa: E402
+from stage1.featstore.store import Store, write_store  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -196,7 +196,7 @@ def main() -> None:
     for k, v in out.items():
         print(f"{k:40s} {v}")
     if args.json:
-        from featstore.io import atomic_write_json, json_safe
+        from stage1._core.io import atomic_write_json, json_safe
 
         atomic_write_json(args.json, json_safe(out))
 

@@ -70,7 +70,7 @@ def labels_csv(images: Path, work: Path) -> Path:
 
 def evaluate_backbone(name: str, backbone: Path, images: Path, labels: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """extract -> split -> train gate -> calibrate -> evaluate (test); returns test metrics + timings."""
-    from featstore.io import read_json
+    from stage1._core.io import read_json
 
     store, run = work / f"store_{name}", work / f"run_{name}"
     t0 = time.perf_counter()
@@ -94,8 +94,8 @@ def evaluate_backbone(name: str, backbone: Path, images: Path, labels: Path, wor
 
 def adapt_list(store: Path, work: Path) -> Path:
     """CSV of the train + val_select images of the base store (adapt never sees val_calib / test)."""
-    from featstore import open_store
-    from featstore.splits import load_splits
+    from stage1.featstore import open_store
+    from stage1.featstore.splits import load_splits
 
     st = open_store(store)
     splits = load_splits(store)
@@ -114,12 +114,12 @@ def step_throughput(backbone_dir: Path, image_size: int, batch: int, steps: int,
     """Images per second of: a frozen forward (extraction), a finetune step, an adapt step."""
     import torch
 
-    from featstore.backbones import load_backbone
-    from finetune.adapters import AdapterSpec, attach, trainable
-    from finetune.dino import DinoHead, DinoLoss
-    from finetune.loop import cls_features
-    from finetune.targets import block_indices, block_parameter_names, find_blocks, linear_targets, norm_parameter_names
-    from heads import HEADS
+    from stage1.featstore.backbones import load_backbone
+    from stage1.finetune.adapters import AdapterSpec, attach, trainable
+    from stage1.finetune.dino import DinoHead, DinoLoss
+    from stage1.finetune.loop import cls_features
+    from stage1.finetune.targets import block_indices, block_parameter_names, find_blocks, linear_targets, norm_parameter_names
+    from stage1.heads import HEADS
 
     torch.manual_seed(0)
     x = torch.randn(batch, 3, image_size, image_size)
@@ -239,7 +239,7 @@ def main() -> None:
         result["train_s"][name] = round(time.perf_counter() - t0, 1)
         result["variants"][name] = evaluate_backbone(name, work / name, args.images, labels, work, args)
 
-    from featstore.io import read_json
+    from stage1._core.io import read_json
 
     histories = {}
     for name in ("adapted", *parents):
@@ -277,7 +277,7 @@ def main() -> None:
           f"adapt {s['adapt_step']:.1f} ({s['adapt_vs_frozen_forward']:.2f}x)")
     print(f"wall seconds: {result['train_s']}, total {result['total_s']}")
     if args.json:
-        from featstore.io import atomic_write_json, json_safe
+        from stage1._core.io import atomic_write_json, json_safe
 
         atomic_write_json(args.json, json_safe(result))
 

@@ -34,7 +34,7 @@ def measured_step_flops(batch: int, dim: int, hidden: int) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from heads import HEADS
+    from stage1.heads import HEADS
 
     head = HEADS.create("mlp", hidden=hidden, dropout=0.1)
     module = head.make_module(dim)
@@ -72,7 +72,7 @@ def bare_matmuls(batch: int, dim: int, hidden: int, steps: int) -> float:
 
 def train_once(x: np.ndarray, y: np.ndarray, hparams: dict[str, Any], name: str = "mlp") -> tuple[float, int]:
     """Seconds of one ``fit`` (no validation: the pure training loop) and the steps it ran."""
-    from heads import HEADS
+    from stage1.heads import HEADS
 
     head = HEADS.create(name, **hparams)
     t = time.perf_counter()
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(default_threads)
     out["ratio_train_vs_matmul"] = min(r["ratio_train_vs_matmul"] for r in out["by_threads"].values())
     # the default recipe on the issue's size, with early stopping on a validation split
-    from heads import HEADS
+    from stage1.heads import HEADS
 
     xv = rng.normal(size=(2000, args.dim)).astype(np.float32)
     yv = (xv[:, :8].sum(1) > 0).astype(np.int64)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, r in per_head.items():
         print(f"default {name}: {r['seconds']:.2f} s for {r['epochs_run']} epochs (early stopping on val)")
     if args.json_path:
-        from featstore.io import atomic_write_json, json_safe
+        from stage1._core.io import atomic_write_json, json_safe
 
         atomic_write_json(args.json_path, json_safe(out))
     return out

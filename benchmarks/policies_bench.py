@@ -22,10 +22,10 @@ from scipy.special import softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies import POLICIES  # noqa: E402
-from policies.audit import synthetic_scores  # noqa: E402
-from policies.calibrators import CALIBRATORS  # noqa: E402
-from policies.metrics import nll, selective_risks  # noqa: E402
+from stage1.policies import POLICIES  # noqa: E402
+from stage1.policies.audit import synthetic_scores  # noqa: E402
+from stage1.policies.calibrators import CALIBRATORS  # noqa: E402
+from stage1.policies.metrics import nll, selective_risks  # noqa: E402
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    else f"fit {v['fit_s']:.4f}s  test NLL {v['test_nll']:.5f}"))
     print("(timings under load: shared 2-core CPU)")
     if args.json is not None:
-        from featstore.io import atomic_write_json, json_safe
+        from stage1._core.io import atomic_write_json, json_safe
 
         atomic_write_json(args.json, json_safe(res))
     return res

@@ -74,18 +74,18 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from featstore.extract import ExtractConfig, run_extract
-    from featstore.splits import write_splits
-    from heads.training import calibrate_run, train_run
-    from workflows.bundle import export_bundle
-    from workflows.predictor import Stage1Predictor
+    from stage1.featstore.extract import ExtractConfig, run_extract
+    from stage1.featstore.splits import write_splits
+    from stage1.runs.steps import calibrate_run, train_run
+    from stage1.workflows.bundle import export_bundle
+    from stage1.workflows.predictor import Stage1Predictor
 
     backbone = args.backbone
     if backbone is None:
         if (SHARED_BACKBONE / "config.json").is_file():
             backbone = SHARED_BACKBONE
         else:
-            from workflows.imgfocus import ensure_backbone
+            from stage1.workflows.imgfocus import ensure_backbone
 
             backbone = ensure_backbone()
     tmp = Path(tempfile.mkdtemp(prefix="predict_bench."))
@@ -124,7 +124,7 @@ def main() -> None:
         print(f"  {k:18s} {v:10.4f} ms/image")
     print(f"(head + policy) / backbone = {100 * ratio:.3f} % (target <= 1 %: {'met' if ratio <= 0.01 else 'NOT met'})")
     if args.json:
-        from featstore.io import atomic_write_json, json_safe
+        from stage1._core.io import atomic_write_json, json_safe
 
         atomic_write_json(args.json, json_safe(res))
     shutil.rmtree(tmp, ignore_errors=True)  # the generated store, runs and databases

@@ -1,6 +1,6 @@
 """Decision-quality benchmark: heads x exit policies vs the seeds' recipe, on real features.
 
-Features: DINOv2-S (../shared/assets/dinov2s-imgfocus) extracted by the real `python cli.py
+Features: DINOv2-S (../shared/assets/dinov2s-imgfocus) extracted by the real `stage1
 extract`, on
 * Fashion-MNIST (Debian dataset-fashion-mnist, IDX files): pairs T-shirt(0) vs Shirt(6, +) and
   Pullover(2) vs Coat(4, +). From the official train set, with a fixed seed: val_calib 4,000
@@ -114,8 +114,8 @@ def prepare_fmnist(out: Path) -> dict[str, Path]:
     """Write the pair images once as PNG and one labels CSV (path,label,split) per pair."""
     from PIL import Image
 
-    from featstore.io import atomic_path, atomic_write_json, atomic_write_text
-    from workflows.demodata import find_idx, read_idx
+    from stage1._core.io import atomic_path, atomic_write_json, atomic_write_text
+    from stage1.workflows.demodata import find_idx, read_idx
 
     root = out / "fmnist"
     img_dir = root / "images"
@@ -151,7 +151,7 @@ def prepare_fmnist(out: Path) -> dict[str, Path]:
 
 def prepare_tracon(out: Path) -> Path:
     """One labels CSV for TraCon: val rows forced to val_calib, train rows left to `split`."""
-    from featstore.io import atomic_write_text
+    from stage1._core.io import atomic_write_text
 
     path = out / "tracon" / "labels.csv"
     if path.exists():
@@ -168,12 +168,12 @@ def prepare_tracon(out: Path) -> Path:
 
 
 def cli(*args: str) -> str:
-    """Run `python cli.py ARGS` (the real commands); its stdout."""
+    """Run `stage1 ARGS` (the real commands); its stdout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], env=env, text=True,
+    res = subprocess.run([sys.executable, "-m", "stage1", *args], env=env, text=True,
                          stdout=subprocess.PIPE, cwd=str(ROOT))
     if res.returncode != 0:
-        raise RuntimeError(f"`cli.py {' '.join(args)}` failed with exit code {res.returncode}")
+        raise RuntimeError(f"`stage1 {' '.join(args)}` failed with exit code {res.returncode}")
     return res.stdout
 
 
@@ -199,7 +199,7 @@ def ensure_store(store: Path, images: Path, labels: Path, image_size: int, fract
 # ------------------------------------------------------------------------------ heads x policies
 def train_all(store: Path, runs: Path) -> dict[str, Path]:
     """Train every head run (skipping runs already complete); run folders by name."""
-    from heads.training import train_run
+    from stage1.runs.steps import train_run
 
     out = {}
     for name, (head, hp) in HEAD_RUNS.items():
@@ -245,16 +245,16 @@ def family(policy_name: str) -> str:
 
 def evaluate_policies(run: Path) -> list[dict[str, Any]]:
     """Fit each policy on val_calib, score on test; one row per policy (what calibrate + evaluate do)."""
-    from policies import POLICIES
-    from policies.evaluate import evaluation_metrics
-    from policies.metrics import selective_risks
+    from stage1.policies import POLICIES
+    from stage1.policies.evaluate import evaluation_metrics
+    from stage1.policies.metrics import selective_risks
 
-    from heads import rundir
+    from stage1.runs import layout
 
-    cfg = rundir.read_config(run)
-    cal_scores, cal_y, _, _ = rundir.split_scores(run, "val_calib")
-    te_scores, te_y, _, _ = rundir.split_scores(run, "test")
-    vs_scores, vs_y, _, _ = rundir.split_scores(run, "val_select")
+    cfg = layout.read_config(run)
+    cal_scores, cal_y, _, _ = layout.split_scores(run, "val_calib")
+    te_scores, te_y, _, _ = layout.split_scores(run, "test")
+    vs_scores, vs_y, _, _ = layout.split_scores(run, "val_select")
     rows = []
     for pname, (policy, params) in policy_specs(run.name, bool(cfg["head_has_selector"])).items():
         pol = POLICIES.create(policy, **params).fit(cal_scores, cal_y)
@@ -294,9 +294,9 @@ def oracle_coverage_fnr_exit(run: Path, alpha: float = ALPHA) -> float:
     reaches with test FNR_exit <= alpha, chosen with the test labels themselves."""
     from scipy.special import softmax
 
-    from heads import rundir
+    from stage1.runs import layout
 
-    s, y, _, _ = rundir.split_scores(run, "test")
+    s, y, _, _ = layout.split_scores(run, "test")
     p = softmax(s["logits"].astype(np.float64), axis=1)[:, 1]
     pos_exit1 = int(((p >= 0.5) & (y == 1)).sum())
     best = float((p >= 0.5).mean())
@@ -321,12 +321,12 @@ def best_calibrated_ece(run: Path) -> dict[str, float]:
     """Positive-class test ECE of each calibrator fit on val_calib (identity = raw softmax)."""
     from scipy.special import softmax
 
-    from heads import rundir
-    from policies import metrics as M
-    from policies.calibrators import CALIBRATORS
+    from stage1.runs import layout
+    from stage1.policies import metrics as M
+    from stage1.policies.calibrators import CALIBRATORS
 
-    cal_scores, cal_y, _, _ = rundir.split_scores(run, "val_calib")
-    te_scores, te_y, _, _ = rundir.split_scores(run, "test")
+    cal_scores, cal_y, _, _ = layout.split_scores(run, "val_calib")
+    te_scores, te_y, _, _ = layout.split_scores(run, "test")
     out = {"identity": M.ece(te_y, softmax(te_scores["logits"].astype(np.float64), axis=1)[:, 1])}
     for name in ("temperature", "platt", "isotonic", "beta"):
         cal = CALIBRATORS.create(name).fit(cal_scores["logits"].astype(np.float64), cal_y)
@@ -339,10 +339,10 @@ def head_metrics(run: Path) -> dict[str, Any]:
     score and of max-softmax, and the positive-class ECE after each calibrator (fit on val_calib)."""
     from scipy.special import softmax
 
-    from heads import rundir
-    from policies import metrics as M
+    from stage1.runs import layout
+    from stage1.policies import metrics as M
 
-    s, y, _, _ = rundir.split_scores(run, "test")
+    s, y, _, _ = layout.split_scores(run, "test")
     p = softmax(s["logits"].astype(np.float64), axis=1)[:, 1]
     err = ((p >= 0.5).astype(np.int64) != y).astype(np.int64)
     ece = best_calibrated_ece(run)
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for fam in LTT:
         print(f"certified_coverage_ratio_vs_seed_{fam} = {results[f'certified_coverage_ratio_vs_seed_{fam}']}")
     if args.json_path:
-        from featstore.io import atomic_write_json, json_safe
+        from stage1._core.io import atomic_write_json, json_safe
 
         atomic_write_json(args.json_path, json_safe(results))
     return results

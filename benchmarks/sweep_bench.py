@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 def find_fashion_store() -> Path | None:
     """A Fashion-MNIST feature store made by another benchmark (bench_out/**), if one exists."""
-    from featstore import open_store
+    from stage1.featstore import open_store
 
     # benchmarks/quality.py --out OUT writes OUT/stores/fmnist_*; look in bench_out/ and in the repo's siblings
     candidates = sorted((ROOT / "bench_out").glob("**/zarr.json")) + sorted(ROOT.parent.glob("*/stores/*/zarr.json"))
@@ -49,8 +49,8 @@ def synthetic_store(path: Path, n: int = 12000, d: int = 384, seed: int = 0) -> 
     """Two classes, each a mixture of 5 Gaussian clusters in 384-d, ~90 % linearly separable."""
     import numpy as np
 
-    from featstore.splits import write_splits
-    from featstore.store import write_store
+    from stage1.featstore.splits import write_splits
+    from stage1.featstore.store import write_store
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
@@ -81,14 +81,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from workflows.sweep import run_sweep
+    from stage1.workflows.sweep import run_sweep
 
     tmp = Path(tempfile.mkdtemp(prefix="sweep_bench."))
     store = args.store or find_fashion_store()
     source = f"store {store}" if store else "synthetic 12000 x 384 (no Fashion-MNIST store found)"
     if store is None:
         store = synthetic_store(tmp / "store")
-    from featstore import open_store
+    from stage1.featstore import open_store
 
     st = open_store(str(store))
     print(f"features: {source}; rows {st.rows}, dim {st.dim}, views {st.views}; space {args.space}; "
@@ -118,7 +118,7 @@ def main() -> None:
           f"2 workers: {'met' if results['meets_target_steady_2_workers'] else 'NOT met'} "
           f"({w2['steady_trials_per_s']:.2f} trials/s)")
     if args.json:
-        from featstore.io import atomic_write_json, json_safe
+        from stage1._core.io import atomic_write_json, json_safe
 
         atomic_write_json(args.json, json_safe(results))
     shutil.rmtree(tmp, ignore_errors=True)  # the generated store, runs and databases

@@ -5,15 +5,15 @@ import os
 import subprocess
 import sys
 
-import cli
+from stage1 import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_help_lists_every_command_without_importing_torch() -> None:
     code = (
-        "import sys, runpy; sys.argv=['cli.py','--help'];\n"
-        "try:\n    runpy.run_path('cli.py', run_name='__main__')\n"
+        "import sys, runpy; sys.argv=['stage1','--help'];\n"
+        "try:\n    runpy.run_module('stage1', run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
         "heavy = [m for m in ('torch', 'transformers', 'zarr', 'optuna', 'peft') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import make_backbone_dir, make_image
-from featstore.backbones import BACKBONES, check_image_size, load_backbone
-from featstore.images import preprocess
-from featstore.io import sha256_file
+from stage1.featstore.backbones import BACKBONES, check_image_size, load_backbone
+from stage1.featstore.images import preprocess
+from stage1._core.io import sha256_file
 
 
 def test_registry_lists_hf_and_rejects_unknown_kind(tiny_backbone_dir: Path) -> None:

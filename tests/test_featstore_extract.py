@@ -15,13 +15,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import featstore
+from stage1 import featstore
 from conftest import IMAGE_NAMES, ROOT, make_image
-from featstore.backbones import load_backbone
-from featstore.commands import extract, info
-from featstore.images import load_rgb, preprocess
-from featstore.io import sha256_file
-from featstore.store import Store
+from stage1.featstore.backbones import load_backbone
+from stage1.featstore.commands import extract, info
+from stage1.featstore.images import load_rgb, preprocess
+from stage1._core.io import sha256_file
+from stage1.featstore.store import Store
 from test_featstore_images import png_header_only
 
 FAST = ["--image-size", "32", "--batch-size", "3", "--chunk-rows", "4", "--threads", "1", "--quiet"]
@@ -201,7 +201,7 @@ def _n_committed(store: Path) -> int:
 
 
 def test_sigkill_mid_run_then_resume_is_byte_identical(tiny_backbone_dir: Path, tmp_path: Path) -> None:
-    """A real `python cli.py extract` killed with SIGKILL, then re-run, equals an uninterrupted run."""
+    """A real `stage1 extract` killed with SIGKILL, then re-run, equals an uninterrupted run."""
     images = tmp_path / "imgs"
     images.mkdir()
     n = 60
@@ -214,7 +214,7 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(tiny_backbone_dir: Path, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
     def cmd(out: Path) -> list[str]:
-        return [sys.executable, "cli.py", "extract", "--images", str(images), "--labels", str(images / "labels.csv"),
+        return [sys.executable, "-m", "stage1", "extract", "--images", str(images), "--labels", str(images / "labels.csv"),
                 "--backbone", str(tiny_backbone_dir), "--out", str(out), "--image-size", "32", "--batch-size", "3",
                 "--chunk-rows", "2", "--workers", "0", "--threads", "1", "--quiet"]
 
@@ -240,7 +240,7 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(tiny_backbone_dir: Path, 
     resumed = subprocess.run(cmd(victim_out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, (attempt, {k: attrs_at_kill[k] for k in ("n_committed", "n_consumed", "quarantined")}, resumed.stderr[-2000:])
     # the uninterrupted reference, in-process with the same options (same single torch thread)
-    res = CliRunner().invoke(extract, cmd(tmp_path / "ref")[3:])
+    res = CliRunner().invoke(extract, cmd(tmp_path / "ref")[4:])
     assert res.exit_code == 0, res.output
     a, b = featstore.open_store(tmp_path / "ref"), featstore.open_store(victim_out)
     assert a.rows == b.rows == n and b.complete
@@ -256,7 +256,7 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(tiny_backbone_dir: Path, 
 
 
 def test_split_column_travels_from_csv_to_splits(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
-    from featstore.splits import load_splits, write_splits
+    from stage1.featstore.splits import load_splits, write_splits
 
     lines = ["path,label,split"] + [f"{n},{i % 2},{'test' if i < 2 else ''}" for i, n in enumerate(IMAGE_NAMES)]
     (image_folder / "labels.csv").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # with a BOM

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featstore.images import BadImage, MAX_PIXELS, decode, load_rgb, preprocess, quarantine_reason
+from stage1.featstore.images import BadImage, MAX_PIXELS, decode, load_rgb, preprocess, quarantine_reason
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:

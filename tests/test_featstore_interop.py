@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import featstore
-from featstore.commands import export_features, import_features
-from featstore.interop import import_features as import_file
-from featstore.io import sha256_file
-from featstore.store import StoreError, write_store
+from stage1 import featstore
+from stage1.featstore.commands import export_features, import_features
+from stage1.featstore.interop import import_features as import_file
+from stage1._core.io import sha256_file
+from stage1.featstore.store import StoreError, write_store
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from featstore.io import PARTIAL_SUFFIX, atomic_dir, atomic_path, atomic_write_bytes
+from stage1._core.io import PARTIAL_SUFFIX, atomic_dir, atomic_path, atomic_write_bytes
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ def test_json_safe_makes_strict_json() -> None:
 
     import numpy as np
 
-    from featstore.io import json_safe
+    from stage1._core.io import json_safe
 
     @dataclasses.dataclass
     class Hist:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from featstore.labels import ImageEntry, LabelsError, image_list_sha256, list_images, parse_labels_csv
+from stage1.featstore.labels import ImageEntry, LabelsError, image_list_sha256, list_images, parse_labels_csv
 
 
 def write(tmp_path: Path, text: str, name: str = "labels.csv", encoding: str = "utf-8") -> Path:

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featstore.commands import info, split
-from featstore.splits import SPLIT_NAMES, SplitError, load_splits, make_splits, parse_fractions, write_splits
-from featstore.store import write_store
+from stage1.featstore.commands import info, split
+from stage1.featstore.splits import SPLIT_NAMES, SplitError, load_splits, make_splits, parse_fractions, write_splits
+from stage1.featstore.store import write_store
 
 
 def hashes(n: int, prefix: str = "h") -> np.ndarray:
@@ -116,5 +116,5 @@ def test_write_load_and_cli(tmp_path: Path) -> None:
     assert json.loads(CliRunner().invoke(info, [str(tmp_path / "s"), "--json"]).output)["splits"]["test"] >= 4
     res = CliRunner().invoke(split, [str(tmp_path / "s"), "--fractions", "1,2"])
     assert res.exit_code == 2 and "give 4 fractions" in res.output
-    with pytest.raises(FileNotFoundError, match="run `python cli.py split"):
+    with pytest.raises(FileNotFoundError, match="run `stage1 split"):
         load_splits(tmp_path)

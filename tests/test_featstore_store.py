@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import featstore
-from featstore.store import ProvenanceMismatch, Store, StoreBusy, StoreError, provenance_differences, write_store
+from stage1 import featstore
+from stage1.featstore.store import ProvenanceMismatch, Store, StoreBusy, StoreError, provenance_differences, write_store
 
 
 def synthetic(n: int = 11, v: int = 2, d: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

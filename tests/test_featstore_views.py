@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import make_image
-from featstore.views import (
+from stage1.featstore.views import (
     LEVELS, blur, colour_noise, contrast, jpeg_like, make_view, saturation, view_level, view_seed,
 )
 

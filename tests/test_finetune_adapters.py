@@ -8,8 +8,8 @@ import torch
 from conftest import make_backbone_dir
 from torch import nn
 
-from finetune.adapters import PEFT_METHODS, AdapterSpec, attach, base_model, merge, trainable
-from finetune.targets import (
+from stage1.finetune.adapters import PEFT_METHODS, AdapterSpec, attach, base_model, merge, trainable
+from stage1.finetune.targets import (
     block_indices,
     block_parameter_names,
     find_blocks,

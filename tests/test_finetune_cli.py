@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 from conftest import make_image
 
-import cli
-from featstore.io import read_json, sha256_file
+from stage1 import cli
+from stage1._core.io import read_json, sha256_file
 
 TINY = ["--image-size", "32", "--batch-size", "4", "--lora-rank", "4"]
 
@@ -75,7 +75,7 @@ def test_finetune_writes_a_backbone_that_loads_offline_and_feeds_extract(
     changed = _changed(tiny_backbone_dir, out)
     assert changed and all(k.startswith("model.layer.1.") and k.endswith("_proj.weight") for k in changed)
     # the jointly trained head loads with heads.load_head
-    from heads import load_head
+    from stage1.heads import load_head
 
     head = load_head(out / "head")
     assert head.hparams["hidden"] == 8 and prov["method"]["head_hparams"]["hidden"] == 8
@@ -85,7 +85,7 @@ def test_finetune_writes_a_backbone_that_loads_offline_and_feeds_extract(
     code, output, *_ = _invoke(["extract", "--images", str(labelled), "--labels", str(labelled / "labels.csv"),
                             "--backbone", str(out), "--out", str(store), "--image-size", "32", "--workers", "0"])
     assert code == 0, output
-    from featstore import open_store
+    from stage1.featstore import open_store
 
     st = open_store(store)
     assert st.rows == 24 and st.dim == 32

@@ -8,18 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.adapters import AdapterSpec, attach, trainable
-from finetune.data import Item, ViewDataset, collect_items
-from finetune.dino import DinoHead, DinoLoss, ema_momentum, ema_update
-from finetune.loop import Runtime, checkpointing_on, cls_features, enable_checkpointing
-from finetune.selfsup import AdaptConfig, train_selfsup
-from finetune.supervised import SupervisedConfig, predict, train_supervised
-from finetune.targets import block_parameter_names, linear_targets
+from stage1.finetune.adapters import AdapterSpec, attach, trainable
+from stage1.finetune.data import Item, ViewDataset, collect_items
+from stage1.finetune.dino import DinoHead, DinoLoss, ema_momentum, ema_update
+from stage1.finetune.loop import Runtime, checkpointing_on, cls_features, enable_checkpointing
+from stage1.finetune.selfsup import AdaptConfig, train_selfsup
+from stage1.finetune.supervised import SupervisedConfig, predict, train_supervised
+from stage1.finetune.targets import block_parameter_names, linear_targets
 
 
 def _colour_items(folder: Path, n: int = 16) -> list[Item]:
     """Images whose label is visible (reddish = 1, bluish = 0), with texture so views differ."""
-    from featstore.io import sha256_file
+    from stage1._core.io import sha256_file
 
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def _mean_loss(model, module, loss_fn, data: ViewDataset) -> float:
 
 @pytest.mark.parametrize("optimizer", ["adamw", "fsam"])
 def test_supervised_loss_falls_and_best_epoch_is_restored(optimizer: str, tiny_backbone_dir: Path, tmp_path: Path) -> None:
-    from heads import HEADS
+    from stage1.heads import HEADS
 
     items = _colour_items(tmp_path / "img")
     torch.manual_seed(0)
@@ -77,7 +77,7 @@ def test_supervised_loss_falls_and_best_epoch_is_restored(optimizer: str, tiny_b
 
 
 def test_views_are_the_store_views_and_deterministic(tmp_path: Path) -> None:
-    from featstore.images import load_rgb, preprocess
+    from stage1.featstore.images import load_rgb, preprocess
 
     items = _colour_items(tmp_path / "img", n=2)
     clean = ViewDataset(items, 32, MEAN, STD)
@@ -95,7 +95,7 @@ def test_views_are_the_store_views_and_deterministic(tmp_path: Path) -> None:
 
 
 def test_bad_images_are_quarantined_not_dropped(tmp_path: Path) -> None:
-    from featstore.labels import ImageEntry
+    from stage1.featstore.labels import ImageEntry
 
     items = _colour_items(tmp_path, n=2)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")

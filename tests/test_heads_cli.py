@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
-from heads import load_head, rundir
+from stage1 import cli
+from stage1.heads import load_head
+from stage1.runs import layout
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from featstore.splits import write_splits
-    from featstore.store import write_store
+    from stage1.featstore.splits import write_splits
+    from stage1.featstore.store import write_store
 
     rng = np.random.default_rng(0)
     n, d = 800, 8
@@ -46,7 +47,7 @@ def run(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_writes_the_run_folder(run: Path, store: Path) -> None:
     for name in ("config.json", "splits.json", "head.safetensors", "head.json", "scores.safetensors"):
         assert (run / name).exists(), name
-    cfg = rundir.read_config(run)
+    cfg = layout.read_config(run)
     assert cfg["head"] == "mlp" and cfg["hparams"]["epochs"] == 4 and cfg["hparams"]["seed"] == 7
     assert cfg["hparams"]["standardize"] is False and cfg["hparams"]["hidden"] == 16
     assert cfg["store"]["views"] == 2 and cfg["store"]["dim"] == 8
@@ -57,10 +58,10 @@ def test_train_writes_the_run_folder(run: Path, store: Path) -> None:
 
 
 def test_scores_match_the_saved_head_on_view0(run: Path, store: Path) -> None:
-    from featstore import open_store
-    from featstore.splits import load_splits
+    from stage1.featstore import open_store
+    from stage1.featstore.splits import load_splits
 
-    scores = rundir.read_scores(run)
+    scores = layout.read_scores(run)
     assert set(scores) == {"train", "val_select", "val_calib", "test"}
     st = open_store(str(store))
     splits = load_splits(store)
@@ -83,7 +84,7 @@ def test_train_refuses_overwrite_and_bad_input(run: Path, store: Path, tmp_path:
     code, text = invoke("train", store, "--head", "mlp", "--out", tmp_path / "c", "--param", "epochs=2.5")
     assert code == 2 and "expected int" in text
     nosplit = tmp_path / "nosplit"
-    from featstore.store import write_store
+    from stage1.featstore.store import write_store
 
     write_store(nosplit, np.zeros((10, 1, 4), np.float32), np.arange(10) % 2)
     code, text = invoke("train", nosplit, "--head", "mlp", "--out", tmp_path / "d")
@@ -97,18 +98,18 @@ def test_calibrate_ltt_not_certifiable_exits_zero(run: Path) -> None:
     pol = json.loads((run / "policy.json").read_text())
     assert pol["policy"] == "ltt" and pol["state"]["certified"] is False
     assert pol["state"]["n_needed"] and "needed" in pol["state"]["reason"]
-    assert pol["fit"]["split"] == "val_calib" and pol["fit"]["n"] == int((rundir.read_scores(run)["val_calib"]["y"] >= 0).sum())
+    assert pol["fit"]["split"] == "val_calib" and pol["fit"]["n"] == int((layout.read_scores(run)["val_calib"]["y"] >= 0).sum())
     assert "NOT CERTIFIED" in text
 
 
 def test_calibrate_fits_on_val_calib_only(run: Path) -> None:
     """Changing test scores must not change the policy; changing val_calib scores must."""
-    from policies import POLICIES
+    from stage1.policies import POLICIES
 
     code, text = invoke("calibrate", run, "--policy", "coverage", "--coverage", "0.5")
     assert code == 0, text
     pol = json.loads((run / "policy.json").read_text())
-    scores, y, _, _ = rundir.split_scores(run, "val_calib")
+    scores, y, _, _ = layout.split_scores(run, "val_calib")
     want = POLICIES.create("coverage", target_coverage=0.5, score="p").fit(scores, y).to_dict()
     assert pol["state"]["t1"] == want["state"]["t1"]
     code, text = invoke("calibrate", run, "--policy", "threshold", "--delta", "0.1")
@@ -120,28 +121,28 @@ def test_calibrate_fits_on_val_calib_only(run: Path) -> None:
 def test_rundir_scores_roundtrip_and_errors(tmp_path: Path) -> None:
     per = {"test": {"logits": np.ones((3, 2)), "select": np.array([0.1, 0.2, 0.3]), "y": np.array([0, 1, -1]),
                     "rows": np.array([5, 6, 7])}}
-    rundir.write_scores(tmp_path, per)
-    back = rundir.read_scores(tmp_path)
+    layout.write_scores(tmp_path, per)
+    back = layout.read_scores(tmp_path)
     np.testing.assert_array_equal(back["test"]["rows"], [5, 6, 7])
-    scores, y, rows, dropped = rundir.split_scores(tmp_path, "test")
+    scores, y, rows, dropped = layout.split_scores(tmp_path, "test")
     assert dropped == 1 and list(y) == [0, 1] and scores["logits"].shape == (2, 2)
-    with pytest.raises(rundir.RunDirError, match="no split 'train'"):
-        rundir.split_scores(tmp_path, "train")
+    with pytest.raises(layout.RunDirError, match="no split 'train'"):
+        layout.split_scores(tmp_path, "train")
     with pytest.raises(ValueError, match="lack"):
-        rundir.write_scores(tmp_path, {"x": {"logits": np.ones((1, 2))}})
-    rundir.start_run(tmp_path / "r", {"head": "mlp"})
-    with pytest.raises(rundir.RunDirError, match="refusing"):
-        rundir.start_run(tmp_path / "r", {"head": "mlp"})
-    rundir.update_config(tmp_path / "r", result=1)
-    with pytest.raises(rundir.RunDirError, match="already set"):
-        rundir.update_config(tmp_path / "r", head="gate")
-    with pytest.raises(rundir.RunDirError, match="calibrate"):
-        rundir.read_policy(tmp_path / "r")
+        layout.write_scores(tmp_path, {"x": {"logits": np.ones((1, 2))}})
+    layout.start_run(tmp_path / "r", {"head": "mlp"})
+    with pytest.raises(layout.RunDirError, match="refusing"):
+        layout.start_run(tmp_path / "r", {"head": "mlp"})
+    layout.update_config(tmp_path / "r", result=1)
+    with pytest.raises(layout.RunDirError, match="already set"):
+        layout.update_config(tmp_path / "r", head="gate")
+    with pytest.raises(layout.RunDirError, match="calibrate"):
+        layout.read_policy(tmp_path / "r")
 
 
 def test_evaluate_writes_metrics_and_plots(run: Path, tmp_path: Path) -> None:
-    from policies import policy_from_dict
-    from policies.evaluate import STABLE_KEYS, evaluation_metrics
+    from stage1.policies import policy_from_dict
+    from stage1.policies.evaluate import STABLE_KEYS, evaluation_metrics
 
     code, text = invoke("calibrate", run, "--policy", "threshold", "--threshold", "0.88")
     assert code == 0, text
@@ -153,7 +154,7 @@ def test_evaluate_writes_metrics_and_plots(run: Path, tmp_path: Path) -> None:
     assert header[: len(STABLE_KEYS)] == list(STABLE_KEYS)
     for png in ("risk_coverage.png", "reliability.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    scores, y, _, _ = rundir.split_scores(run, "test")
+    scores, y, _, _ = layout.split_scores(run, "test")
     policy = policy_from_dict(json.loads((run / "policy.json").read_text()))
     want = evaluation_metrics(y, scores, policy.decide(scores))
     assert m["coverage"] == pytest.approx(want["coverage"]) and m["augrc"] == pytest.approx(want["augrc"])
@@ -161,7 +162,7 @@ def test_evaluate_writes_metrics_and_plots(run: Path, tmp_path: Path) -> None:
     code, text = invoke("evaluate", run, "--split", "val_select")
     assert code == 0 and (run / "eval_val_select" / "metrics.json").exists()
     empty = tmp_path / "nopolicy"
-    rundir.start_run(empty, {"head": "mlp"})
+    layout.start_run(empty, {"head": "mlp"})
     code, text = invoke("evaluate", empty)
     assert code == 1 and "calibrate" in text
 
@@ -171,7 +172,7 @@ def test_selector_heads_calibrate_on_select_by_default(store: Path, tmp_path: Pa
     code, text = invoke("train", store, "--head", "gate", "--out", out, "--epochs", "2", "--hidden", "8",
                         "--param", "folds=2", "--quiet")
     assert code == 0, text
-    assert rundir.read_config(out)["head_has_selector"] is True
+    assert layout.read_config(out)["head_has_selector"] is True
     assert json.loads((out / "head.json").read_text())["gate_target"] == "out_of_fold"
     code, text = invoke("calibrate", out, "--policy", "coverage", "--coverage", "0.7", "--calibrator", "none")
     assert code == 0, text

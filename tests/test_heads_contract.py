@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import heads
-from heads import HEADS, load_head
+from stage1 import heads
+from stage1.heads import HEADS, load_head
 
 FAST = dict(epochs=3, hidden=16, batch_size=32, lr=1e-2, patience=50, ema_decay=0.9)
 PER_HEAD = {"gate": dict(folds=2), "crc": dict(batch_size=32, crc_alpha=0.25)}

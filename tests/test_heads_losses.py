@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heads import HEADS
-from heads.base import class_weight_vector
-from heads.crc import crc_rank, crc_soft_terms, smoothed_order_statistic
-from heads.gate import stratified_folds
+from stage1.heads import HEADS
+from stage1.heads.base import class_weight_vector
+from stage1.heads.crc import crc_rank, crc_soft_terms, smoothed_order_statistic
+from stage1.heads.gate import stratified_folds
 
 
 @settings(max_examples=60, deadline=None)

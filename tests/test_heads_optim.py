@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from heads.optim import FSAM
+from stage1.heads.optim import FSAM
 
 A = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, -0.3], [0.0, -0.3, 3.0]])
 B = torch.tensor([1.0, -2.0, 0.5])

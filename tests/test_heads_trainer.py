@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from heads import HEADS
-from heads.trainer import TrainConfig, lr_at, selective_objective, train_module
+from stage1.heads import HEADS
+from stage1.heads.trainer import TrainConfig, lr_at, selective_objective, train_module
 
 
 def test_warmup_then_cosine() -> None:
@@ -29,7 +29,7 @@ def test_config_validation() -> None:
 
 
 def test_selective_objective_uses_policies_metrics() -> None:
-    from policies import metrics
+    from stage1.policies import metrics
 
     conf = np.array([0.9, 0.8, 0.7, 0.6])
     err = np.array([0, 1, 0, 1])
@@ -150,7 +150,7 @@ def test_fsam_and_clipping_train_deterministically() -> None:
 
 
 def test_fast_dropout_rate_scale_and_eval_identity() -> None:
-    from heads.base import FastDropout
+    from stage1.heads.base import FastDropout
 
     d = FastDropout(0.3)
     torch.manual_seed(0)

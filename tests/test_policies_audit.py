@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policies import POLICIES, audit
-from policies.audit import synthetic_scores
+from stage1.policies import POLICIES, audit
+from stage1.policies.audit import synthetic_scores
 
 SHAPES = {
     "balanced": {"prevalence": 0.5},

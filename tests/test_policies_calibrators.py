@@ -11,8 +11,8 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from policies.calibrators import CALIBRATORS, as_logits, calibrator_from_dict
-from policies.metrics import nll
+from stage1.policies.calibrators import CALIBRATORS, as_logits, calibrator_from_dict
+from stage1.policies.metrics import nll
 
 DATA = Path(__file__).parent / "data"
 

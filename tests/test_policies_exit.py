@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.special import softmax
 
-from policies import LEVELS, POLICIES, Decision, policy_from_dict
-from policies.audit import synthetic_scores
-from policies.metrics import selective_risks
-from policies.pvalues import binomial_pvalue, trials_needed
+from stage1.policies import LEVELS, POLICIES, Decision, policy_from_dict
+from stage1.policies.audit import synthetic_scores
+from stage1.policies.metrics import selective_risks
+from stage1.policies.pvalues import binomial_pvalue, trials_needed
 
 PARAMS = {
     "threshold": {"threshold": 0.9},

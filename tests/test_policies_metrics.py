@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, matthews_corrcoef
 
-from policies import metrics as M
+from stage1.policies import metrics as M
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, matthews_corrcoef
 
-from policies import POLICIES
-from policies import metrics as M
-from policies.audit import synthetic_scores
-from policies.evaluate import STABLE_KEYS, evaluation_metrics
-from policies.reports import plot_reliability, plot_risk_coverage, write_metrics, write_report
+from stage1.policies import POLICIES
+from stage1.policies import metrics as M
+from stage1.policies.audit import synthetic_scores
+from stage1.policies.evaluate import STABLE_KEYS, evaluation_metrics
+from stage1.policies.reports import plot_reliability, plot_risk_coverage, write_metrics, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

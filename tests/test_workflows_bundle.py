@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import cli
+from stage1 import cli
 from conftest import make_backbone_dir, make_image
 
 PREDICT_KEYS = {"path", "p_roadwork", "decision", "label", "pred_set", "select_score", "level"}
@@ -20,9 +20,9 @@ PREDICT_KEYS = {"path", "p_roadwork", "decision", "label", "pred_set", "select_s
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A calibrated run on 48 generated images through the tiny backbone (extract -> split -> train -> calibrate)."""
-    from featstore.extract import ExtractConfig, run_extract
-    from featstore.splits import write_splits
-    from heads.training import calibrate_run, train_run
+    from stage1.featstore.extract import ExtractConfig, run_extract
+    from stage1.featstore.splits import write_splits
+    from stage1.runs.steps import calibrate_run, train_run
 
     root = tmp_path_factory.mktemp("bundle")
     backbone = make_backbone_dir(root / "backbone")
@@ -66,7 +66,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 
 def test_bundle_files_and_manifest(bundle: Path, trained_run: dict[str, Path]) -> None:
-    from featstore.io import read_json, sha256_file
+    from stage1._core.io import read_json, sha256_file
 
     assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "head.json", "head.safetensors", "policy.json"]
     m = read_json(bundle / "bundle.json")
@@ -80,16 +80,16 @@ def test_bundle_files_and_manifest(bundle: Path, trained_run: dict[str, Path]) -
 
 def test_round_trip_gives_the_runs_decisions(bundle: Path, trained_run: dict[str, Path]) -> None:
     """Predicting the store's images from disk reproduces the run's own decisions on every split."""
-    from featstore import open_store
-    from heads import rundir
-    from policies import policy_from_dict
-    from workflows.predictor import Stage1Predictor
+    from stage1.featstore import open_store
+    from stage1.runs import layout
+    from stage1.policies import policy_from_dict
+    from stage1.workflows.predictor import Stage1Predictor
 
     pred = Stage1Predictor.from_bundle(bundle, backbone=trained_run["backbone"])
     store = open_store(str(trained_run["store"]))
-    policy = policy_from_dict(rundir.read_policy(trained_run["run"]))
+    policy = policy_from_dict(layout.read_policy(trained_run["run"]))
     n_exit = 0
-    for split, d in rundir.read_scores(trained_run["run"]).items():
+    for split, d in layout.read_scores(trained_run["run"]).items():
         if not len(d["rows"]):
             continue
         ref = policy.decide({"logits": d["logits"], "select": d["select"]})
@@ -135,7 +135,7 @@ def test_predict_cli_streams_json_lines_and_reports_bad_images(bundle: Path, tra
 
 @pytest.fixture(scope="module")
 def predictor(bundle: Path, trained_run: dict[str, Path]):
-    from workflows.predictor import Stage1Predictor
+    from stage1.workflows.predictor import Stage1Predictor
 
     return Stage1Predictor.from_bundle(bundle, backbone=trained_run["backbone"])
 
@@ -185,13 +185,13 @@ def test_missing_file_and_edited_manifest_are_refused(bundle: Path, trained_run:
 
 def test_manifest_listing_a_file_outside_the_bundle_is_refused(
         bundle: Path, trained_run: dict[str, Path], tmp_path: Path) -> None:
-    from workflows.bundle import manifest_digest
+    from stage1.workflows.bundle import manifest_digest
 
     b = _copy(bundle, tmp_path / "b")
     outside = tmp_path / "outside.txt"
     outside.write_text("not part of a bundle")
     m = json.loads((b / "bundle.json").read_text())
-    from featstore.io import sha256_file
+    from stage1._core.io import sha256_file
 
     m["files"]["../outside.txt"] = sha256_file(outside)  # a correct hash of a file outside the bundle
     m["manifest_sha256"] = manifest_digest(m)
@@ -220,7 +220,7 @@ def test_missing_recorded_backbone_asks_for_one(bundle: Path, trained_run: dict[
     b = _copy(bundle, tmp_path)
     m = json.loads((b / "bundle.json").read_text())
     m["backbone"]["path"] = str(tmp_path / "gone")
-    from workflows.bundle import manifest_digest
+    from stage1.workflows.bundle import manifest_digest
 
     m["manifest_sha256"] = manifest_digest(m)
     (b / "bundle.json").write_text(json.dumps(m))
@@ -256,9 +256,9 @@ def test_predict_accepts_pil_images_and_bytes(predictor, trained_run: dict[str, 
 
 
 def test_imgfocus_bundles_fall_back_to_the_cached_backbone(monkeypatch, tmp_path: Path) -> None:
-    from workflows import imgfocus
-    from workflows.bundle import IMGFOCUS_WEIGHTS_SHA256, BundleError
-    from workflows.predictor import resolve_backbone
+    from stage1.workflows import imgfocus
+    from stage1.workflows.bundle import IMGFOCUS_WEIGHTS_SHA256, BundleError
+    from stage1.workflows.predictor import resolve_backbone
 
     called = []
     monkeypatch.setattr(imgfocus, "ensure_backbone", lambda: called.append(1) or tmp_path / "cached")

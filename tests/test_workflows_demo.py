@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
-from workflows import demodata
+from stage1 import cli
+from stage1.workflows import demodata
 
 
 def test_digits_are_written_once_as_a_binary_task(tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_demo_usage_errors(tiny_backbone_dir: Path, tmp_path: Path) -> None:
 
 def test_demo_batch_size_reaches_extract_and_predict(tiny_backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """--batch-size sets how many images each backbone pass takes, in extract and in predict."""
-    from featstore.backbones import HFBackbone
+    from stage1.featstore.backbones import HFBackbone
 
     sizes: list[int] = []
     embed = HFBackbone.embed

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from workflows import imgfocus  # noqa: E402
+from stage1.workflows import imgfocus  # noqa: E402
 
 
 def _tiny_dinov2_onnx(path: Path):

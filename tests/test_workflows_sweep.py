@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
-from workflows.space import SearchSpace, resolve_space_path, shipped_spaces, studies_dir
+from stage1 import cli
+from stage1.workflows.space import SearchSpace, resolve_space_path, shipped_spaces, studies_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,8 @@ threshold = { low = 0.6, high = 0.95 }
 
 
 def _store(path: Path, n: int = 240, d: int = 8, seed: int = 0, shift: float = 1.5) -> Path:
-    from featstore.splits import write_splits
-    from featstore.store import write_store
+    from stage1.featstore.splits import write_splits
+    from stage1.featstore.store import write_store
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
@@ -87,8 +87,8 @@ def _complete(db: Path, study: str) -> dict[str, int]:
 
 # -- the search space ---------------------------------------------------------------------------------------
 def test_shipped_spaces_parse_and_name_registered_parts() -> None:
-    from heads import HEADS
-    from policies import POLICIES
+    from stage1.heads import HEADS
+    from stage1.policies import POLICIES
 
     assert {"default", "gate", "quick"} <= set(shipped_spaces())
     for name in shipped_spaces():
@@ -244,7 +244,7 @@ def test_sweep_refuses_an_out_holding_other_runs(store: Path, space_file: Path, 
 def test_killed_sweep_resumes_with_two_workers(store: Path, space_file: Path, tmp_path: Path) -> None:
     """Kill a 2-worker sweep mid-way (SIGKILL to its whole process group); a second run adds its trials."""
     db = tmp_path / "studies.db"
-    args = [sys.executable, str(ROOT / "cli.py"), "sweep", str(store), "--study", "k", "--storage", f"sqlite:///{db}",
+    args = [sys.executable, "-m", "stage1", "sweep", str(store), "--study", "k", "--storage", f"sqlite:///{db}",
             "--space", str(space_file), "--trials", "400", "--workers", "2", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -1,6 +1,0 @@
-"""The ``HEADS`` registry object itself (light: no torch), filled by the head modules on import."""
-from __future__ import annotations
-
-from featstore.registry import Registry
-
-HEADS: Registry = Registry("head")

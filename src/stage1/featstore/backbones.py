@@ -1,0 +1,153 @@
+"""Frozen vision backbones behind a registry; the feature is the CLS token of the last layer.
+
+``hf`` loads any transformers ``AutoModel`` vision backbone from a local folder (DINOv3ViTModel,
+Dinov2Model, ViTModel, ...). Provenance pins the weights by sha256 so a store can refuse features
+computed by a different model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stage1._core.io import sha256_file
+from stage1._core.registry import Registry
+
+#: ImageNet statistics, used when the folder has no preprocessor_config.json.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Weight files, most preferred first.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class Backbone:
+    """A frozen feature extractor: images [B,3,H,W] (normalised) -> features [B,D]."""
+
+    model: torch.nn.Module
+    hidden_size: int
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: torch.device
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def provenance(self) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+BACKBONES: Registry[Backbone] = Registry("backbone")
+
+
+def weights_sha256(folder: str | os.PathLike[str]) -> tuple[str, str]:
+    """(file name, sha256) of a HF folder's weights; for sharded weights, a hash over every shard's hash."""
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        if name.endswith(".index.json"):
+            index = json.loads(path.read_text(encoding="utf-8"))
+            shards = sorted(set(index.get("weight_map", {}).values()))
+            h = hashlib.sha256()
+            for shard in shards:
+                h.update(f"{shard}:{sha256_file(folder / shard)}\n".encode())
+            return name, h.hexdigest()
+        return name, sha256_file(path)
+    raise FileNotFoundError(
+        f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}); point --backbone at a saved HF model folder"
+    )
+
+
+def _preprocessor_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std from preprocessor_config.json, ImageNet defaults otherwise."""
+    cfg_path = folder / "preprocessor_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        mean, std = cfg.get("image_mean"), cfg.get("image_std")
+        if mean and std and len(mean) == 3 and len(std) == 3:
+            return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+@BACKBONES.register("hf")
+class HFBackbone(Backbone):
+    """A transformers vision model from a local folder; CLS = ``last_hidden_state[:, 0]``.
+
+    On CUDA the forward pass runs under bf16 autocast; the returned features are float32.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], device: str = "cpu") -> None:
+        from transformers import AutoModel
+
+        folder = Path(path)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"{folder}: no config.json; --backbone must be a local Hugging Face model folder"
+            )
+        self.path = folder.resolve()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        self.weights_file, self.weights_sha256 = weights_sha256(folder)
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        model.eval().requires_grad_(False)
+        self.model = model.to(self.device, dtype=torch.float32)
+        cfg = model.config
+        self.config = cfg
+        self.hidden_size = int(cfg.hidden_size)
+        patch = getattr(cfg, "patch_size", 16)
+        self.patch_size = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+        mean, std = _preprocessor_stats(folder)
+        self.mean, self.std = mean, std  # type: ignore[assignment]
+
+    @torch.inference_mode()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS features [B, D] (float32) of normalised images [B, 3, H, W]."""
+        x = x.to(self.device, dtype=torch.float32, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self.model(pixel_values=x)
+        else:
+            out = self.model(pixel_values=x)
+        return out.last_hidden_state[:, 0].float()
+
+    def precision(self) -> str:
+        """How the forward pass computes: recorded so a resume never mixes bf16 and fp32 features."""
+        return "bf16-autocast" if self.device.type == "cuda" else "float32"
+
+    def provenance(self) -> dict[str, Any]:
+        """What identifies these features' model: class, sizes, weights sha256 (path is informational)."""
+        return {
+            "kind": "hf",
+            "path": str(self.path),
+            "class": type(self.model).__name__,
+            "model_type": getattr(self.config, "model_type", ""),
+            "hidden_size": self.hidden_size,
+            "patch_size": self.patch_size,
+            "weights_file": self.weights_file,
+            "weights_sha256": self.weights_sha256,
+            "feature": "cls",
+            "precision": self.precision(),
+        }
+
+
+def load_backbone(path: str | os.PathLike[str], device: str = "cpu", kind: str = "hf") -> Backbone:
+    """Build the backbone registered as ``kind`` from ``path`` on ``device``."""
+    return BACKBONES.create(kind, path=path, device=device)
+
+
+def check_image_size(size: int, patch_size: int) -> None:
+    """Refuse an input size that is not a positive multiple of the patch size."""
+    if size <= 0 or size % patch_size:
+        raise ValueError(
+            f"image size {size} is not a multiple of the backbone's patch size {patch_size}; "
+            f"use e.g. {max(patch_size, round(size / patch_size) * patch_size)}"
+        )
+

@@ -1,0 +1,288 @@
+"""Extraction: decode images in worker processes while the backbone runs, write chunk-aligned blocks.
+
+Images are taken in fixed windows of ``batch_size`` list entries ([k*B, (k+1)*B)); each window is
+decoded by one DataLoader worker and embedded as one batch. A resumed run restarts at the window
+holding the first uncommitted entry, so every batch has exactly the same contents as in an
+uninterrupted run and the features come out byte-identical.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import Backbone, check_image_size, load_backbone
+from .images import MAX_PIXELS, RESIZE_RULE, decode, draft_size_for, preprocess, quarantine_reason, read_bytes
+from stage1._core.io import sha256_bytes
+from .labels import ImageEntry, image_list_sha256, list_images, parse_labels_csv
+from .store import DEFAULT_CHUNK_ROWS, Store
+from .views import DEFAULT_VIEW_LEVELS, RECIPE, make_view, view_level, view_seed
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `extract` needs; the CLI fills it from its options."""
+
+    images: str
+    backbone: str
+    out: str
+    labels: str | None = None
+    batch_size: int = 32
+    image_size: int = 224
+    dtype: str = "float16"
+    views: int = 1
+    view_levels: Sequence[int] = DEFAULT_VIEW_LEVELS
+    view_seed: int = 0
+    device: str = "cpu"
+    workers: int = 2
+    threads: int = 0
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    max_pixels: int = MAX_PIXELS
+    draft: bool = True
+    progress: bool = True
+    backbone_kind: str = "hf"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DecodeSpec:
+    """What a decode worker needs (picklable; no torch model inside)."""
+
+    root: str
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    views: int
+    view_levels: tuple[int, ...]
+    view_seed: int
+    draft_size: int | None
+    max_pixels: int
+
+
+def decode_entry(spec: DecodeSpec, rel_path: str) -> tuple[np.ndarray, str]:
+    """Pixels [V, 3, S, S] (view 0 clean, then distorted views) and the file's sha256; BadImage on failure."""
+    path = Path(spec.root) / rel_path
+    data = read_bytes(path)
+    digest = sha256_bytes(data)
+    img = decode(data, rel_path, draft_size=spec.draft_size, max_pixels=spec.max_pixels)
+    out = np.empty((spec.views, 3, spec.size, spec.size), dtype=np.float32)
+    out[0] = preprocess(img, spec.size, spec.mean, spec.std)
+    for v in range(1, spec.views):
+        view = make_view(img, view_seed(digest, v, spec.view_seed), view_level(v, spec.view_levels), size=spec.size)
+        out[v] = preprocess(view, spec.size, spec.mean, spec.std)
+    return out, digest
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Item k = the decoded window [ (first+k)*B, (first+k+1)*B ) of the image list."""
+
+    def __init__(self, spec: DecodeSpec, paths: Sequence[str], batch_size: int, first_window: int) -> None:
+        self.spec = spec
+        self.paths = list(paths)
+        self.batch_size = batch_size
+        self.first_window = first_window
+        self.n_windows = math.ceil(len(self.paths) / batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self.n_windows - self.first_window)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        w = self.first_window + k
+        lo, hi = w * self.batch_size, min(len(self.paths), (w + 1) * self.batch_size)
+        pixels, good, sha, bad = [], [], [], []
+        for i in range(lo, hi):
+            try:
+                arr, digest = decode_entry(self.spec, self.paths[i])
+            except Exception as exc:  # never fatal to the run: quarantine with the reason and error text
+                bad.append((i, *quarantine_reason(exc, self.paths[i])))
+                continue
+            pixels.append(arr)
+            good.append(i)
+            sha.append(digest)
+        s = self.spec.size
+        stacked = np.concatenate(pixels) if pixels else np.empty((0, 3, s, s), np.float32)
+        return {
+            "window": w,
+            "lo": lo,
+            "hi": hi,
+            "pixels": torch.from_numpy(stacked),
+            "good": good,
+            "sha": sha,
+            "bad": bad,
+        }
+
+
+def build_provenance(backbone: Backbone, cfg: ExtractConfig, entries: Sequence[ImageEntry]) -> dict[str, Any]:
+    """The attributes a resume must match: backbone, preprocessing, views, storage, image list."""
+    return {
+        "kind": "extracted",
+        "backbone": backbone.provenance(),
+        "feature": "cls",
+        "preprocessing": {
+            "size": cfg.image_size,
+            "resize": RESIZE_RULE,
+            "mean": [float(m) for m in backbone.mean],
+            "std": [float(s) for s in backbone.std],
+            "draft": bool(cfg.draft),
+            "exif_transpose": True,
+            "alpha": "composite-on-white",
+            "views": {
+                "n": cfg.views,
+                "recipe": RECIPE,
+                "levels": [int(x) for x in cfg.view_levels] if cfg.views > 1 else [],
+                "seed": cfg.view_seed if cfg.views > 1 else 0,
+            },
+        },
+        "storage": {"dtype": cfg.dtype, "chunk_rows": cfg.chunk_rows},
+        "image_list_sha256": image_list_sha256(entries),
+        "n_images": len(entries),
+        "images_root": str(Path(cfg.images).resolve()),
+    }
+
+
+def load_entries(cfg: ExtractConfig) -> tuple[list[ImageEntry], bool]:
+    """The image list from --labels, or every image under --images."""
+    if cfg.labels:
+        return parse_labels_csv(cfg.labels)
+    return list_images(cfg.images), False
+
+
+def validate_config(cfg: ExtractConfig) -> None:
+    """Refuse impossible option values with a message naming the option."""
+    checks = [
+        (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+        (cfg.views >= 1, "--views must be >= 1"),
+        (cfg.workers >= 0, "--workers must be >= 0"),
+        (cfg.threads >= 0, "--threads must be >= 0"),
+        (cfg.chunk_rows >= 1, "--chunk-rows must be >= 1"),
+        (cfg.max_pixels >= 1, "--max-pixels must be >= 1"),
+        (cfg.dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
+        (all(lv in (0, 1, 2, 3) for lv in cfg.view_levels) and len(cfg.view_levels) > 0, "--view-levels must be levels 0-3"),
+        (Path(cfg.images).is_dir(), f"--images {cfg.images} is not a folder"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict[str, Any]:
+    """Extract (or resume extracting) CLS features of the listed images into the store ``cfg.out``."""
+    validate_config(cfg)
+    previous_threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, backbone)
+    finally:
+        torch.set_num_threads(previous_threads)  # in-process callers keep their own setting
+
+
+def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
+    entries, has_split = load_entries(cfg)
+    if backbone is None:
+        backbone = load_backbone(cfg.backbone, device=cfg.device, kind=cfg.backbone_kind)
+    check_image_size(cfg.image_size, backbone.patch_size)
+    prov = build_provenance(backbone, cfg, entries)
+    out = Path(cfg.out)
+    if (out / "zarr.json").exists():
+        store = Store.open(out, mode="r+")
+        try:
+            store.check_provenance(prov)
+        except BaseException:
+            store.close()
+            raise
+        started_with = int(store.attrs.get("batch_size", cfg.batch_size))
+        if started_with != cfg.batch_size:  # same windows as the first run, so features stay byte-identical
+            sys.stderr.write(f"extract: resuming {out} with the batch size it was started with "
+                             f"({started_with}; --batch-size {cfg.batch_size} ignored)\n")
+            cfg = replace(cfg, batch_size=started_with)
+    else:
+        store = Store.create(
+            out, len(entries), cfg.views, backbone.hidden_size, prov, dtype=cfg.dtype,
+            chunk_rows=cfg.chunk_rows, with_split=has_split, extra_attrs={"n_listed": len(entries), "batch_size": cfg.batch_size},
+        )
+    with store:
+        return _extract_into(store, cfg, backbone, entries)
+
+
+def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries: list[ImageEntry]) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    n = len(entries)
+    consumed = int(store.attrs.get("n_consumed", 0))
+    start_rows = row = store.rows
+    quarantined = store.quarantined
+    summary = {"store": str(store.path), "listed": n, "resumed_from_entry": consumed, "processed": 0}
+    if store.complete:
+        summary.update(rows=store.rows, quarantined=len(quarantined), seconds=0.0, img_per_s=0.0, complete=True)
+        return summary
+    B = cfg.batch_size
+    spec = DecodeSpec(
+        root=str(Path(cfg.images)), size=cfg.image_size, mean=tuple(backbone.mean), std=tuple(backbone.std),
+        views=cfg.views, view_levels=tuple(int(x) for x in cfg.view_levels), view_seed=cfg.view_seed,
+        draft_size=draft_size_for(cfg.image_size, cfg.views) if cfg.draft else None, max_pixels=cfg.max_pixels,
+    )
+    dataset = WindowDataset(spec, [e.path for e in entries], B, consumed // B)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=cfg.workers,
+        prefetch_factor=2 if cfg.workers else None, pin_memory=backbone.device.type == "cuda",
+    )
+    cr = store.chunk_rows
+    V, D = cfg.views, backbone.hidden_size
+    buf_f: list[np.ndarray] = []
+    buf_e: list[ImageEntry] = []
+    buf_s: list[str] = []
+    pending_q: list[dict[str, str]] = []
+
+    def flush(consumed_to: int) -> None:
+        nonlocal row
+        if buf_f:
+            store.write_block(
+                row, np.stack(buf_f), np.array([e.label for e in buf_e], np.int8), [e.path for e in buf_e],
+                buf_s, [e.split for e in buf_e],
+            )
+        quarantined.extend(pending_q)
+        row += len(buf_f)
+        store.commit(row, n_consumed=consumed_to, quarantined=quarantined)
+        for buf in (buf_f, buf_e, buf_s, pending_q):
+            buf.clear()
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=n - consumed, unit="img", desc="extract", disable=not cfg.progress, smoothing=0.1)
+    processed = 0
+    for win in loader:
+        feats = None
+        if len(win["good"]):
+            feats = backbone.embed(win["pixels"]).cpu().numpy().reshape(len(win["good"]), V, D)
+        result: dict[int, tuple] = {i: ("ok", k) for k, i in enumerate(win["good"])}
+        result.update({int(i): ("bad", reason, detail) for i, reason, detail in win["bad"]})
+        for i in range(int(win["lo"]), int(win["hi"])):
+            if i < consumed:
+                continue  # committed before an interruption; the window was re-run only to keep batches identical
+            kind = result[i]
+            if kind[0] == "ok":
+                buf_f.append(feats[kind[1]])  # type: ignore[index]
+                buf_e.append(entries[i])
+                buf_s.append(win["sha"][kind[1]])
+            else:
+                pending_q.append({"path": entries[i].path, "reason": kind[1], "detail": kind[2]})
+            processed += 1
+            if len(buf_f) == cr:
+                flush(i + 1)
+        bar.update(int(win["hi"]) - max(int(win["lo"]), consumed))
+        bar.set_postfix(quarantined=len(quarantined) + len(pending_q), refresh=False)
+    bar.close()
+    flush(n)
+    store.finalize()
+    seconds = time.perf_counter() - t0
+    summary.update(
+        rows=store.rows, new_rows=store.rows - start_rows, quarantined=len(quarantined), processed=processed,
+        seconds=round(seconds, 3), img_per_s=round(processed / seconds, 2) if seconds > 0 else 0.0, complete=True,
+    )
+    return summary

@@ -1,0 +1,177 @@
+"""Image reading and preprocessing without torchvision: PIL decode, EXIF, any mode -> RGB, normalise.
+
+Every failure to read an image becomes a ``BadImage`` with a short ``reason`` code (see ``REASONS``)
+so extraction can quarantine it and carry on instead of dying or silently dropping it.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Default pixel limit (PIL's own default); larger images are treated as decompression bombs.
+from stage1._core.constants import DEFAULT_MAX_PIXELS as MAX_PIXELS
+from stage1._core.errors import Stage1Error
+
+#: Reason codes a ``BadImage`` may carry (stable: they appear in stores and ``info``).
+REASONS = (
+    "missing",
+    "zero bytes",
+    "not an image",
+    "truncated",
+    "decompression bomb",
+    "unreadable",
+    "unsupported mode",
+)
+
+#: Resize rule recorded in provenance: the whole image, squashed to size x size, bicubic.
+RESIZE_RULE = "bicubic-square"
+
+
+class BadImage(Stage1Error):
+    """An image that cannot be used; ``reason`` is one of ``REASONS``, ``str(exc)`` has the detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """Read an image file's bytes, mapping missing / empty / unreadable files to ``BadImage``."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise BadImage("missing", f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise BadImage("unreadable", f"{path} is a directory") from None
+    except OSError as exc:
+        raise BadImage("unreadable", f"{path}: {exc.strerror or exc}") from None
+    if not data:
+        raise BadImage("zero bytes", f"{path} is empty")
+    return data
+
+
+def quarantine_reason(exc: Exception, name: str) -> tuple[str, str]:
+    """(reason, detail) for an error met while reading image ``name``: a BadImage's own, else "unreadable"."""
+    if isinstance(exc, BadImage):
+        return exc.reason, exc.detail
+    return "unreadable", f"{name}: {type(exc).__name__}: {exc}"
+
+
+def draft_size_for(size: int, views: int) -> int:
+    """JPEG draft target: ``size`` for the clean view; larger when random crops (area >= 0.2) follow."""
+    return size if views <= 1 else int(math.ceil(size / math.sqrt(0.2)))
+
+
+def decode(
+    data: bytes,
+    name: str = "<bytes>",
+    draft_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
+    """Decode image bytes to a loaded RGB PIL image (EXIF orientation applied).
+
+    ``draft_size`` lets libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale while keeping both sides
+    >= draft_size, which is several times faster than a full decode followed by a downscale.
+    """
+    if not data:
+        raise BadImage("zero bytes", f"{name} is empty")
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # ``max_pixels`` is the one limit: PIL's own (which refuses at 2x its value) is lifted while
+            # the header is read, and the size is checked below before any pixel is decoded.
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                img = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImage(
+                    "decompression bomb", f"{name} is {w}x{h} = {w * h} pixels > limit {max_pixels}"
+                )
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadImage("decompression bomb", f"{name}: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image", f"{name} is not a format PIL can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc)
+        low = msg.lower()
+        if "truncated" in low or isinstance(exc, EOFError) or "broken data stream" in low:
+            raise BadImage("truncated", f"{name}: {msg}") from None
+        raise BadImage("unreadable", f"{name}: {type(exc).__name__}: {msg}") from None
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # a corrupt EXIF block must not lose the image; keep it unrotated
+        pass
+    return to_rgb(img, name)
+
+
+def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Map an integer or float single-channel array to uint8 (16-bit -> /257, float in [0,1] -> *255)."""
+    if arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr.astype(np.float64))
+        scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
+        return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    arr = arr.astype(np.int64)
+    if arr.size and int(arr.max()) > 255:
+        return np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
+    """Convert any PIL mode to RGB: alpha composited on white, 16-bit and float scaled, CMYK converted."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        grey = _scale_to_uint8(np.asarray(img))
+        if grey.ndim == 3:  # e.g. 16-bit multi-channel read as an array
+            grey = grey[..., 0]
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise BadImage("unsupported mode", f"{name}: mode {mode} cannot be converted to RGB ({exc})") from None
+
+
+def load_rgb(
+    path: str | os.PathLike[str],
+    draft_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
+    """Read and decode ``path`` to RGB (EXIF applied, JPEG draft mode when ``draft_size`` is given)."""
+    return decode(read_bytes(path), str(path), draft_size=draft_size, max_pixels=max_pixels)
+
+
+def preprocess(
+    img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """Resize the whole image to ``size`` x ``size`` (bicubic) and normalise: float32 [3, size, size]."""
+    if img.mode != "RGB":
+        img = to_rgb(img)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -1,0 +1,170 @@
+"""Deterministic, stratified, leakage-free splits keyed on content hash and a seed.
+
+Rows with the same content hash form one group and always land in the same split. Within each
+label stratum, groups are ordered by sha256(seed, content hash) and cut at the cumulative fractions,
+so the result depends only on the content, the labels and the seed (not on row order).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from stage1._core.io import atomic_write_json, read_json
+
+from stage1._core.errors import DataError
+from stage1._core.constants import DEFAULT_FRACTIONS, SPLIT_NAMES  # noqa: F401 (re-exported)
+SPLITS_FILE = "splits.json"
+SCHEMA_VERSION = 1
+
+
+class SplitError(DataError):
+    """Splits that cannot be made as asked (bad fractions, a `split` column that leaks)."""
+
+
+def parse_fractions(fractions: Mapping[str, float] | Sequence[float] | str | None) -> dict[str, float]:
+    """Fractions per split, normalised to sum 1: a dict, 4 numbers in SPLIT_NAMES order, or "a,b,c,d"."""
+    if fractions is None:
+        return dict(DEFAULT_FRACTIONS)
+    if isinstance(fractions, str):
+        try:
+            fractions = [float(x) for x in fractions.replace(" ", "").split(",")]
+        except ValueError:
+            raise SplitError(f"fractions {fractions!r}: give 4 comma-separated numbers (train,val_select,val_calib,test)") from None
+    if isinstance(fractions, Mapping):
+        unknown = set(fractions) - set(SPLIT_NAMES)
+        if unknown:
+            raise SplitError(f"unknown split name(s) {sorted(unknown)}; use {', '.join(SPLIT_NAMES)}")
+        values = [float(fractions.get(name, 0.0)) for name in SPLIT_NAMES]
+    else:
+        values = [float(x) for x in fractions]
+        if len(values) != len(SPLIT_NAMES):
+            raise SplitError(f"give {len(SPLIT_NAMES)} fractions ({', '.join(SPLIT_NAMES)}), got {len(values)}")
+    if any(not np.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise SplitError(f"fractions must be >= 0 with a positive sum, got {values}")
+    total = sum(values)
+    return {name: v / total for name, v in zip(SPLIT_NAMES, values)}
+
+
+def _group_key(seed: int, sha: str) -> str:
+    return hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest()
+
+
+def make_splits(
+    labels: Sequence[int] | np.ndarray,
+    sha256: Sequence[str] | np.ndarray,
+    seed: int = 0,
+    fractions: Mapping[str, float] | Sequence[float] | str | None = None,
+    split_column: Sequence[str] | np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Row indices (sorted int64) per split name; stratified by label, grouped by content hash.
+
+    ``split_column`` (e.g. from the labels CSV) forces rows into a named split ('' = free); a group of
+    identical images given two different splits is refused, since it would leak across them.
+    """
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    sha = np.asarray(sha256).astype(str).reshape(-1)
+    if y.shape != sha.shape:
+        raise SplitError(f"labels ({y.size}) and sha256 ({sha.size}) differ in length")
+    fr = parse_fractions(fractions)
+    cuts = np.cumsum([fr[name] for name in SPLIT_NAMES])
+    cuts[-1] = 1.0 + 1e-9
+    uniq, group_of = np.unique(sha, return_inverse=True)
+    n_groups = len(uniq)
+    forced = np.full(n_groups, -1, dtype=np.int64)
+    if split_column is not None:
+        col = np.asarray(split_column).astype(str).reshape(-1)
+        if col.shape != y.shape:
+            raise SplitError(f"split column ({col.size}) and labels ({y.size}) differ in length")
+        for row in np.flatnonzero(col != ""):
+            name = col[row]
+            if name not in SPLIT_NAMES:
+                raise SplitError(f"row {row}: split {name!r} is not one of {', '.join(SPLIT_NAMES)}")
+            k = SPLIT_NAMES.index(name)
+            g = group_of[row]
+            if forced[g] not in (-1, k):
+                raise SplitError(
+                    f"row {row}: identical image (sha256 {sha[row][:12]}...) is assigned to both "
+                    f"{SPLIT_NAMES[forced[g]]} and {name}; give identical images one split"
+                )
+            forced[g] = k
+    sizes = np.bincount(group_of, minlength=n_groups)
+    lo = np.full(n_groups, 2, dtype=np.int64)
+    hi = np.full(n_groups, -2, dtype=np.int64)
+    np.minimum.at(lo, group_of, y)
+    np.maximum.at(hi, group_of, y)
+    stratum = np.where(lo == hi, lo, -2)  # -2: identical images with conflicting labels
+    assign = forced.copy()
+    keys = np.array([_group_key(seed, s) for s in uniq])
+    for s in np.unique(stratum):
+        free = np.flatnonzero((stratum == s) & (forced < 0))
+        if free.size == 0:
+            continue
+        free = free[np.argsort(keys[free], kind="stable")]
+        w = sizes[free].astype(np.float64)
+        mid = (np.cumsum(w) - w / 2) / w.sum()
+        assign[free] = np.searchsorted(cuts, mid, side="right")
+    row_split = assign[group_of]
+    return {name: np.flatnonzero(row_split == k).astype(np.int64) for k, name in enumerate(SPLIT_NAMES)}
+
+
+def split_counts(labels: np.ndarray, splits: Mapping[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """Rows and per-label counts of each split."""
+    y = np.asarray(labels)
+    out = {}
+    for name in SPLIT_NAMES:
+        rows = np.asarray(splits.get(name, []), dtype=np.int64)
+        yy = y[rows]
+        out[name] = {
+            "n": int(rows.size),
+            "0": int(np.sum(yy == 0)),
+            "1": int(np.sum(yy == 1)),
+            "unlabelled": int(np.sum(yy == -1)),
+        }
+    return out
+
+
+def write_splits(
+    store_path: str | os.PathLike[str],
+    seed: int = 0,
+    fractions: Mapping[str, float] | Sequence[float] | str | None = None,
+) -> dict[str, Any]:
+    """Make splits for a store and write STORE/splits.json (seed, fractions, counts, rows); returns it."""
+    from .store import Store
+
+    store = Store.open(store_path)
+    fr = parse_fractions(fractions)
+    labels = store.labels
+    splits = make_splits(labels, store.sha256, seed=seed, fractions=fr, split_column=store.split_column)
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "seed": int(seed),
+        "fractions": fr,
+        "counts": split_counts(labels, splits),
+        "rows": {name: splits[name].tolist() for name in SPLIT_NAMES},
+        "store": {
+            "path": str(Path(store_path).resolve()),
+            "rows": store.rows,
+            "image_list_sha256": store.provenance.get("image_list_sha256", ""),
+            "split_column": store.split_column is not None,
+        },
+    }
+    atomic_write_json(Path(store_path) / SPLITS_FILE, payload)
+    return payload
+
+
+def load_splits(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Row indices per split from a splits.json, or from STORE/splits.json when given a folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / SPLITS_FILE
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no splits file; run `stage1 split STORE` first")
+    data = read_json(p)
+    rows = data.get("rows")
+    if not isinstance(rows, dict) or set(rows) != set(SPLIT_NAMES):
+        raise ValueError(f"{p}: expected 'rows' with {', '.join(SPLIT_NAMES)}; regenerate it with `split`")
+    return {name: np.asarray(rows[name], dtype=np.int64) for name in SPLIT_NAMES}

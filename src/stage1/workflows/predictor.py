@@ -1,0 +1,189 @@
+"""``Stage1Predictor``: a verified bundle + its backbone -> one decision per image (what a miner answers).
+
+Images go through featstore's own decode and preprocessing with the bundle's recorded settings,
+so features match the ones the head was trained on. Bad images give an error record, never a crash.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from stage1.workflows.bundle import (IMGFOCUS_WEIGHTS_SHA256, BundleError, check_backbone, verify_files)
+
+#: file extensions ``predict DIR`` picks up (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+ImageInput = Any  # str | os.PathLike | PIL.Image.Image | bytes
+
+
+def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Files as given, folders expanded to their image files (recursive, sorted); order kept."""
+    out: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            out.extend(found)
+        else:
+            out.append(str(p))
+    return out
+
+
+def resolve_backbone(manifest: dict[str, Any], backbone: str | os.PathLike[str] | None) -> Path:
+    """The backbone folder to use: the given one, the recorded path, or the demo's cached DINOv2-S."""
+    if backbone is not None:
+        return Path(backbone)
+    recorded = manifest["backbone"].get("path")
+    if recorded and (Path(recorded) / "config.json").is_file():
+        return Path(recorded)
+    if manifest["backbone"].get("weights_sha256") == IMGFOCUS_WEIGHTS_SHA256:
+        from stage1.workflows.imgfocus import ensure_backbone
+
+        return ensure_backbone()
+    raise BundleError(f"the bundle's backbone {recorded} is not on this machine; pass --backbone PATH "
+                      "to a folder with the same weights")
+
+
+def failed_record(error: str, reason: str) -> dict[str, Any]:
+    """The answer for an image that could not be scored: defer, flagged, with the error named.
+
+    Every line keeps the full schema, so a miner always has a ``p_roadwork`` in [0, 1] to send
+    (0.5, no information) and Stage-2 gets the image; ``error`` / ``reason`` say why.
+    """
+    return {"p_roadwork": 0.5, "decision": "defer", "label": None, "pred_set": [0, 1],
+            "select_score": None, "level": "AMBIGUOUS", "error": error, "reason": reason}
+
+
+class Stage1Predictor:
+    """Backbone -> head -> exit policy, built from a verified bundle."""
+
+    def __init__(self, manifest: dict[str, Any], backbone: Any, head: Any, policy: Any,
+                 bundle_dir: str | os.PathLike[str]) -> None:
+        from stage1.featstore.images import RESIZE_RULE, draft_size_for
+
+        prep = manifest["preprocessing"]
+        if prep.get("resize") != RESIZE_RULE:
+            raise BundleError(f"{bundle_dir}: preprocessing resize rule {prep.get('resize')!r} is not the one "
+                              f"this version implements ({RESIZE_RULE!r}); re-extract and re-export")
+        self.manifest = manifest
+        self.backbone = backbone
+        self.head = head
+        self.policy = policy
+        self.bundle_dir = str(bundle_dir)
+        self.size = int(prep["size"])
+        self.mean = tuple(float(m) for m in prep["mean"])
+        self.std = tuple(float(s) for s in prep["std"])
+        views = int((prep.get("views") or {}).get("n", 1))
+        self.draft_size = draft_size_for(self.size, views) if prep.get("draft", True) else None
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike[str], backbone: str | os.PathLike[str] | None = None,
+                    device: str = "cpu") -> "Stage1Predictor":
+        """Verify the bundle (schema, every file hash), check the backbone's hash and width, load all."""
+        from stage1.featstore.backbones import load_backbone, weights_sha256
+        from stage1._core.io import read_json
+        from stage1.heads import load_head
+        from stage1.policies import policy_from_dict
+
+        manifest = verify_files(path)
+        folder = resolve_backbone(manifest, backbone)
+        if not (folder / "config.json").is_file():
+            raise BundleError(f"--backbone {folder}: no config.json; pass a local Hugging Face model folder")
+        _, digest = weights_sha256(folder)
+        hidden = read_json(folder / "config.json").get("hidden_size")
+        check_backbone(manifest, digest, int(hidden) if hidden is not None else -1, str(folder))
+        bb = load_backbone(folder, device=device, kind=manifest["backbone"].get("kind", "hf"))
+        check_backbone(manifest, digest, bb.hidden_size, str(folder))
+        head = load_head(path)
+        if int(head.in_dim_) != int(bb.hidden_size):
+            raise BundleError(f"{path}: head expects width {head.in_dim_}, backbone gives {bb.hidden_size}")
+        policy = policy_from_dict(read_json(Path(path) / "policy.json"))
+        return cls(manifest, bb, head, policy, path)
+
+    # -- steps (separately callable so their cost can be measured) ----------------------------------
+    def load_pixels(self, item: ImageInput) -> np.ndarray:
+        """One image -> float32 [3, S, S] exactly as ``extract`` prepares view 0; BadImage on failure."""
+        from PIL import Image
+
+        from stage1.featstore.images import decode, preprocess, read_bytes, to_rgb
+
+        if isinstance(item, Image.Image):
+            img = to_rgb(item)
+        elif isinstance(item, (bytes, bytearray)):
+            img = decode(bytes(item), "<bytes>", draft_size=self.draft_size)
+        else:
+            img = decode(read_bytes(item), str(item), draft_size=self.draft_size)
+        return preprocess(img, self.size, self.mean, self.std)
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """Backbone CLS features [B, D] of preprocessed pixels [B, 3, S, S]."""
+        import torch
+
+        return self.backbone.embed(torch.from_numpy(np.ascontiguousarray(pixels))).cpu().numpy()
+
+    def decide_features(self, features: np.ndarray) -> list[dict[str, Any]]:
+        """Head + policy on features [B, D]: one record per row (rows with non-finite scores get an error)."""
+        scores = self.head.predict_scores(np.asarray(features, dtype=np.float32))
+        logits = np.asarray(scores["logits"], dtype=np.float64)
+        ok = np.isfinite(logits).all(axis=1)
+        if scores.get("select") is not None:
+            ok &= np.isfinite(np.asarray(scores["select"], dtype=np.float64))
+        records = [failed_record("non-finite head output", "non_finite_output") for _ in range(len(ok))]
+        if ok.any():
+            sub = {k: np.asarray(v)[ok] for k, v in scores.items()}
+            decision = self.policy.decide(sub)
+            for i, rec in zip(np.flatnonzero(ok), decision.to_records()):
+                p = rec["p_roadwork"]
+                rec["p_roadwork"] = min(1.0, max(0.0, p)) if math.isfinite(p) else 0.5
+                records[i] = rec
+        return records
+
+    # -- the API ---------------------------------------------------------------------------------------
+    def iter_predict(self, images: Iterable[ImageInput], batch_size: int = 16) -> Iterator[dict[str, Any]]:
+        """Yield one record per image, in input order, processing ``batch_size`` images at a time."""
+        from stage1.featstore.images import BadImage
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch: list[tuple[str, ImageInput]] = []
+        for index, item in enumerate(images):
+            batch.append((_name(item, index), item))
+            if len(batch) == batch_size:
+                yield from self._predict_batch(batch, BadImage)
+                batch = []
+        if batch:
+            yield from self._predict_batch(batch, BadImage)
+
+    def predict(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 16) -> list[dict[str, Any]]:
+        """Records for ``images`` (paths, PIL images or bytes; one item or a list)."""
+        if isinstance(images, (str, os.PathLike, bytes, bytearray)) or not isinstance(images, Iterable):
+            images = [images]
+        return list(self.iter_predict(images, batch_size=batch_size))
+
+    def _predict_batch(self, batch: list[tuple[str, ImageInput]], bad_image: type) -> list[dict[str, Any]]:
+        names = [name for name, _ in batch]
+        out: list[dict[str, Any] | None] = [None] * len(batch)
+        pixels, good = [], []
+        for i, (_, item) in enumerate(batch):
+            try:
+                pixels.append(self.load_pixels(item))
+                good.append(i)
+            except bad_image as exc:
+                out[i] = {"path": names[i], **failed_record(str(exc), exc.reason)}
+            except Exception as exc:  # never fatal: report the image and carry on
+                out[i] = {"path": names[i], **failed_record(f"{type(exc).__name__}: {exc}", "unreadable")}
+        if good:
+            records = self.decide_features(self.embed(np.stack(pixels)))
+            for i, rec in zip(good, records):
+                out[i] = {"path": names[i], **rec}
+        return [r for r in out if r is not None]
+
+
+def _name(item: ImageInput, index: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    return getattr(item, "filename", None) or f"<image {index}>"

@@ -1,0 +1,161 @@
+"""Search spaces for ``sweep``: head x policy x hyperparameters, written as TOML.
+
+A space file has an optional ``[objective]`` table (the risk the constraint checks and its
+target) and one table per head (``[head.NAME]``) and per policy (``[policy.NAME]``). Inside those,
+a plain value is fixed; a table is a distribution::
+
+    lr = { low = 1e-4, high = 3e-3, log = true }   # float (int when low, high are integers)
+    epochs = { low = 5, high = 20, step = 5 }        # int with a step
+    hidden = { choices = [128, 256] }                # categorical
+
+Optuna parameter names are ``head`` / ``policy`` (which part) and ``NAME.param`` (its settings),
+so every head keeps its own distributions and a trial can be rebuilt from its params alone.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+#: risk names the objective knows (DESIGN: "Risks"); the constraint is measured_risk - alpha <= 0.
+RISKS = ("fnr_exit", "miss_rate", "selective_error")
+
+DEFAULT_OBJECTIVE: dict[str, Any] = {"risk": "fnr_exit", "alpha": 0.02, "coverage_split": "val_select"}
+
+
+def studies_dir() -> Path:
+    """Folder of the shipped search spaces (``workflows/studies``)."""
+    return Path(str(resources.files("stage1.workflows") / "studies"))
+
+
+def shipped_spaces() -> list[str]:
+    """Names of the shipped search spaces (file stems)."""
+    return sorted(p.stem for p in studies_dir().glob("*.toml"))
+
+
+def resolve_space_path(space: str | os.PathLike[str] | None, study: str) -> Path:
+    """The TOML file for ``--space`` (a path or a shipped name); default: the study's name, else ``default``."""
+    if space is not None:
+        path = Path(space)
+        if path.is_file():
+            return path
+        shipped = studies_dir() / f"{space}.toml"
+        if shipped.is_file():
+            return shipped
+        raise FileNotFoundError(
+            f"--space {space}: no such file and no shipped space of that name "
+            f"(shipped: {', '.join(shipped_spaces())})"
+        )
+    shipped = studies_dir() / f"{study}.toml"
+    return shipped if shipped.is_file() else studies_dir() / "default.toml"
+
+
+def _check_dist(where: str, spec: Any) -> None:
+    """Refuse a malformed distribution table with a message naming it."""
+    if not isinstance(spec, dict):
+        return
+    if "choices" in spec:
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise ValueError(f"{where}: choices must be a non-empty list")
+        extra = set(spec) - {"choices"}
+    else:
+        if "low" not in spec or "high" not in spec:
+            raise ValueError(f"{where}: a distribution needs either choices = [...] or low and high")
+        if not spec["low"] <= spec["high"]:
+            raise ValueError(f"{where}: low ({spec['low']}) must be <= high ({spec['high']})")
+        if spec.get("log") and spec["low"] <= 0:
+            raise ValueError(f"{where}: log = true needs low > 0")
+        extra = set(spec) - {"low", "high", "log", "step"}
+    if extra:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
+
+
+@dataclass
+class SearchSpace:
+    """A parsed search space: parts to choose from, each with fixed values and distributions."""
+
+    heads: dict[str, dict[str, Any]]
+    policies: dict[str, dict[str, Any]]
+    objective: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OBJECTIVE))
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "SearchSpace":
+        """Validate and build a space from parsed TOML."""
+        unknown = set(data) - {"objective", "head", "policy", "description"}
+        if unknown:
+            raise ValueError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}; use [objective], [head.NAME], [policy.NAME]")
+        heads = data.get("head") or {}
+        policies = data.get("policy") or {}
+        if not heads or not policies:
+            raise ValueError(f"{source}: needs at least one [head.NAME] and one [policy.NAME] table")
+        for kind, parts in (("head", heads), ("policy", policies)):
+            for name, params in parts.items():
+                if not isinstance(params, dict):
+                    raise ValueError(f"{source}: [{kind}.{name}] must be a table")
+                for key, spec in params.items():
+                    _check_dist(f"{source}: {kind}.{name}.{key}", spec)
+        objective = {**DEFAULT_OBJECTIVE, **(data.get("objective") or {})}
+        bad = set(objective) - set(DEFAULT_OBJECTIVE)
+        if bad:
+            raise ValueError(f"{source}: [objective] unknown key(s) {', '.join(sorted(bad))}")
+        if objective["risk"] not in RISKS:
+            raise ValueError(f"{source}: [objective] risk {objective['risk']!r}; choose one of {', '.join(RISKS)}")
+        if not 0.0 < float(objective["alpha"]) < 1.0:
+            raise ValueError(f"{source}: [objective] alpha must be in (0, 1)")
+        if objective["coverage_split"] not in ("val_select", "val_calib"):
+            raise ValueError(f"{source}: [objective] coverage_split must be val_select or val_calib (never test)")
+        return cls(heads=heads, policies=policies, objective=objective, source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "SearchSpace":
+        """Parse a TOML space file (errors name the file)."""
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def check_names(self, head_names: list[str], policy_names: list[str]) -> None:
+        """Refuse parts that are not registered (names listed so the fix is obvious)."""
+        for kind, parts, valid in (("head", self.heads, head_names), ("policy", self.policies, policy_names)):
+            bad = sorted(set(parts) - set(valid))
+            if bad:
+                raise ValueError(f"{self.source}: unknown {kind}(s) {', '.join(bad)}; registered: {', '.join(valid)}")
+
+    def suggest(self, trial: Any) -> tuple[str, dict[str, Any], str, dict[str, Any]]:
+        """Draw (head, head params, policy, policy params) for an Optuna trial."""
+        head = trial.suggest_categorical("head", sorted(self.heads))
+        policy = trial.suggest_categorical("policy", sorted(self.policies))
+        return head, _suggest_part(trial, head, self.heads[head]), policy, _suggest_part(trial, policy, self.policies[policy])
+
+    def resolve(self, params: dict[str, Any]) -> tuple[str, dict[str, Any], str, dict[str, Any]]:
+        """Rebuild what ``suggest`` returned from a finished trial's ``params``."""
+        head, policy = params["head"], params["policy"]
+        return head, _resolve_part(params, head, self.heads[head]), policy, _resolve_part(params, policy, self.policies[policy])
+
+
+def _suggest_part(trial: Any, prefix: str, specs: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, spec in specs.items():
+        name = f"{prefix}.{key}"
+        if not isinstance(spec, dict):
+            out[key] = spec
+        elif "choices" in spec:
+            out[key] = trial.suggest_categorical(name, spec["choices"])
+        elif all(isinstance(spec[k], int) and not isinstance(spec[k], bool) for k in ("low", "high")) and \
+                isinstance(spec.get("step", 1), int):
+            out[key] = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1),
+                                         log=bool(spec.get("log", False)))
+        else:
+            out[key] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                           step=spec.get("step"), log=bool(spec.get("log", False)))
+    return out
+
+
+def _resolve_part(params: dict[str, Any], prefix: str, specs: dict[str, Any]) -> dict[str, Any]:
+    return {key: (params[f"{prefix}.{key}"] if isinstance(spec, dict) else spec) for key, spec in specs.items()}
