@@ -164,3 +164,10 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: file not found")
     return load_file(str(path))
+
+
+def utc_timestamp() -> str:
+    """Now in UTC as ISO 8601 to the second (``2026-12-03T17:05:42+00:00``): every artifact's clock."""
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -6,7 +6,6 @@ lies ahead of it. Read path: whole chunk files are read straight into RAM (no pe
 """
 from __future__ import annotations
 
-import datetime as _dt
 import mmap
 import os
 import shutil
@@ -17,7 +16,7 @@ import numpy as np
 import zarr
 
 from stage1 import __version__
-from stage1._core.io import PARTIAL_SUFFIX, read_json, sha256_bytes
+from stage1._core.io import PARTIAL_SUFFIX, read_json, sha256_bytes, utc_timestamp
 
 SCHEMA_VERSION = 1
 from stage1._core.constants import DEFAULT_CHUNK_ROWS  # noqa: F401 (re-exported)
@@ -39,11 +38,6 @@ class ProvenanceMismatch(StoreError):
 
 class StoreBusy(EnvironmentProblem):
     """Another process holds the store's writer lock."""
-
-
-def now_iso() -> str:
-    """UTC timestamp for created / updated attributes."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -202,7 +196,7 @@ class Store:
             group.create_array("sha256", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
             if with_split:
                 group.create_array("split", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
-            stamp = now_iso()
+            stamp = utc_timestamp()
             attrs = {
                 "schema_version": SCHEMA_VERSION,
                 "tool": "featstore",
@@ -469,7 +463,7 @@ class Store:
     def commit(self, n_committed: int, **attrs: Any) -> None:
         """Durably move the committed-rows marker (and progress attributes) forward."""
         self._require_writable()
-        update = {"n_committed": int(n_committed), "updated": now_iso(), **attrs}
+        update = {"n_committed": int(n_committed), "updated": utc_timestamp(), **attrs}
         self.group.update_attributes(update)  # one atomic zarr.json write (attrs.update writes once per key)
         self._attrs.update(update)
         _fsync_path(self.path / "zarr.json")

@@ -6,7 +6,6 @@ any other backbone; ``provenance.json`` names the parent weights, the method and
 """
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from stage1._core.io import atomic_dir, atomic_write_json
+from stage1._core.io import atomic_dir, atomic_write_json, utc_timestamp
 
 SCHEMA_VERSION = 1
 PROVENANCE_FILE = "provenance.json"
@@ -28,10 +27,6 @@ def check_out_dir(out: str | os.PathLike[str]) -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists and is not empty; choose a new --out folder")
     return path
-
-
-def now_utc() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def save_adapted(
@@ -61,7 +56,7 @@ def save_adapted(
         weights_file, sha = weights_sha256(tmp)
         record = {
             "schema_version": SCHEMA_VERSION,
-            "created": now_utc(),
+            "created": utc_timestamp(),
             **provenance,
             "output": {"weights_file": weights_file, "weights_sha256": sha},
         }

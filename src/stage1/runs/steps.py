@@ -69,7 +69,7 @@ class _EpochBar:
 def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathLike[str],
               hparams: dict[str, Any], *, progress: bool = True, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train ``head_name`` with ``hparams`` on STORE's splits and write the run folder; a summary."""
-    from stage1._core.io import json_safe, sha256_file
+    from stage1._core.io import json_safe, sha256_file, utc_timestamp
 
     from stage1.heads import HEADS
 
@@ -110,7 +110,7 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
     val_summary = _quick_summary(per_split["val_select"])
     config = {
         "command": list(argv) if argv else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": utc_timestamp(),
         "store": {
             "path": str(Path(store).resolve()),
             "rows": int(store_obj.rows),

@@ -94,7 +94,7 @@ def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> di
     """bundle.json's content for ``run_dir`` given the sha256 of the copied files."""
     from stage1 import __version__
     from stage1._core.io import read_json
-    from stage1.featstore.store import now_iso
+    from stage1._core.io import utc_timestamp
 
     run = Path(run_dir)
     prov = run_provenance(run)
@@ -115,7 +115,7 @@ def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> di
         "schema_version": BUNDLE_SCHEMA_VERSION,
         "format": "stage1-bundle",
         "tool_version": __version__,
-        "created": now_iso(),
+        "created": utc_timestamp(),
         "source_run": str(run.resolve()),
         "backbone": backbone,
         "feature": prov.get("feature", "cls"),
