@@ -280,3 +280,37 @@ def test_predict_device_option(bundle: Path, trained_run: dict[str, Path]) -> No
     if not torch.cuda.is_available():
         _refused(["predict", str(bundle), img, "--backbone", str(trained_run["backbone"]), "--device", "cuda"],
                  "cuda")
+
+
+def test_run_provenance_reads_config_then_falls_back_to_the_store(trained_run: dict[str, Path], tmp_path: Path) -> None:
+    """config.json["store"]["provenance"] is used as recorded; only without it is the store opened."""
+    from stage1.featstore import open_store
+    from stage1.workflows.bundle import BundleError, run_provenance
+
+    with open_store(str(trained_run["store"])) as store:
+        stored = store.provenance
+    assert run_provenance(trained_run["run"]) == stored
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["store"]["provenance"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert run_provenance(run) == stored  # opened the store it names
+    cfg["store"]["path"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="records no store provenance"):
+        run_provenance(run)
+    del cfg["store"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="names no store"):
+        run_provenance(run)
+
+
+def test_failed_records_keep_the_full_deferred_schema(predictor) -> None:
+    """An image that cannot be scored gets exactly the record 0.1.0 gave (now built by Decision.deferred)."""
+    rec = predictor.predict([b""])[0]
+    assert rec == {"path": "<image 0>", "p_roadwork": 0.5, "decision": "defer", "label": None, "pred_set": [0, 1],
+                   "select_score": None, "level": "AMBIGUOUS", "error": "zero bytes: <bytes> is empty",
+                   "reason": "zero bytes"}
+    assert list(rec) == ["path", "p_roadwork", "decision", "label", "pred_set", "select_score", "level",
+                         "error", "reason"]

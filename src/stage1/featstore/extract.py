@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, check_image_size, load_backbone
-from .images import MAX_PIXELS, RESIZE_RULE, decode, draft_size_for, preprocess, quarantine_reason, read_bytes
+from .images import MAX_PIXELS, quarantine_reason, read_bytes
 from stage1._core.io import sha256_bytes
 from .labels import ImageEntry, image_list_sha256, list_images, parse_labels_csv
+from .preprocessing import Preprocessing, ViewRecipe
 from .store import DEFAULT_CHUNK_ROWS, Store
-from .views import DEFAULT_VIEW_LEVELS, RECIPE, make_view, view_level, view_seed
+from .views import DEFAULT_VIEW_LEVELS, make_view, view_level, view_seed
+from stage1._core.errors import ConfigError
 
 
 @dataclass
@@ -55,13 +57,7 @@ class DecodeSpec:
     """What a decode worker needs (picklable; no torch model inside)."""
 
     root: str
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    views: int
-    view_levels: tuple[int, ...]
-    view_seed: int
-    draft_size: int | None
+    prep: Preprocessing
     max_pixels: int
 
 
@@ -70,12 +66,13 @@ def decode_entry(spec: DecodeSpec, rel_path: str) -> tuple[np.ndarray, str]:
     path = Path(spec.root) / rel_path
     data = read_bytes(path)
     digest = sha256_bytes(data)
-    img = decode(data, rel_path, draft_size=spec.draft_size, max_pixels=spec.max_pixels)
-    out = np.empty((spec.views, 3, spec.size, spec.size), dtype=np.float32)
-    out[0] = preprocess(img, spec.size, spec.mean, spec.std)
-    for v in range(1, spec.views):
-        view = make_view(img, view_seed(digest, v, spec.view_seed), view_level(v, spec.view_levels), size=spec.size)
-        out[v] = preprocess(view, spec.size, spec.mean, spec.std)
+    prep = spec.prep
+    img = prep.decode(data, rel_path, max_pixels=spec.max_pixels)
+    out = np.empty((prep.views.n, 3, prep.size, prep.size), dtype=np.float32)
+    out[0] = prep.pixels(img)
+    for v in range(1, prep.views.n):
+        seed, level = view_seed(digest, v, prep.views.seed), view_level(v, prep.views.levels)
+        out[v] = prep.pixels(make_view(img, seed, level, size=prep.size))
     return out, digest
 
 
@@ -105,7 +102,7 @@ class WindowDataset(torch.utils.data.Dataset):
             pixels.append(arr)
             good.append(i)
             sha.append(digest)
-        s = self.spec.size
+        s = self.spec.prep.size
         stacked = np.concatenate(pixels) if pixels else np.empty((0, 3, s, s), np.float32)
         return {
             "window": w,
@@ -118,32 +115,38 @@ class WindowDataset(torch.utils.data.Dataset):
         }
 
 
+def build_preprocessing(backbone: Backbone, cfg: ExtractConfig) -> Preprocessing:
+    """The preprocessing spec of this extraction: the backbone's mean / std, size, draft and views."""
+    return Preprocessing.for_backbone(backbone, cfg.image_size, draft=cfg.draft,
+                                      views=ViewRecipe.of(cfg.views, cfg.view_levels, cfg.view_seed))
+
+
 def build_provenance(backbone: Backbone, cfg: ExtractConfig, entries: Sequence[ImageEntry]) -> dict[str, Any]:
     """The attributes a resume must match: backbone, preprocessing, views, storage, image list."""
     return {
         "kind": "extracted",
         "backbone": backbone.provenance(),
         "feature": "cls",
-        "preprocessing": {
-            "size": cfg.image_size,
-            "resize": RESIZE_RULE,
-            "mean": [float(m) for m in backbone.mean],
-            "std": [float(s) for s in backbone.std],
-            "draft": bool(cfg.draft),
-            "exif_transpose": True,
-            "alpha": "composite-on-white",
-            "views": {
-                "n": cfg.views,
-                "recipe": RECIPE,
-                "levels": [int(x) for x in cfg.view_levels] if cfg.views > 1 else [],
-                "seed": cfg.view_seed if cfg.views > 1 else 0,
-            },
-        },
+        "preprocessing": build_preprocessing(backbone, cfg).to_dict(),
         "storage": {"dtype": cfg.dtype, "chunk_rows": cfg.chunk_rows},
         "image_list_sha256": image_list_sha256(entries),
         "n_images": len(entries),
         "images_root": str(Path(cfg.images).resolve()),
     }
+
+
+def check_resume(store: Store, provenance: dict[str, Any]) -> None:
+    """Refuse to resume ``store`` with other settings, naming the first differing attribute.
+
+    The preprocessing is compared as a ``Preprocessing`` (so a store made by 0.1.0 resumes however
+    its record is spelled); everything else attribute by attribute, by ``Store.check_provenance``.
+    """
+    stored = store.provenance.get("preprocessing")
+    if stored is not None and provenance.get("preprocessing") is not None:
+        recorded = Preprocessing.from_dict(stored, where=f"{store.path}: provenance")
+        if recorded == Preprocessing.from_dict(provenance["preprocessing"]):
+            provenance = {**provenance, "preprocessing": stored}  # equal specs: only the rest is compared
+    store.check_provenance(provenance)
 
 
 def load_entries(cfg: ExtractConfig) -> tuple[list[ImageEntry], bool]:
@@ -168,7 +171,7 @@ def validate_config(cfg: ExtractConfig) -> None:
     ]
     for ok, msg in checks:
         if not ok:
-            raise ValueError(msg)
+            raise ConfigError(msg)
 
 
 def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict[str, Any]:
@@ -193,7 +196,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
     if (out / "zarr.json").exists():
         store = Store.open(out, mode="r+")
         try:
-            store.check_provenance(prov)
+            check_resume(store, prov)
         except BaseException:
             store.close()
             raise
@@ -223,11 +226,7 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
         summary.update(rows=store.rows, quarantined=len(quarantined), seconds=0.0, img_per_s=0.0, complete=True)
         return summary
     B = cfg.batch_size
-    spec = DecodeSpec(
-        root=str(Path(cfg.images)), size=cfg.image_size, mean=tuple(backbone.mean), std=tuple(backbone.std),
-        views=cfg.views, view_levels=tuple(int(x) for x in cfg.view_levels), view_seed=cfg.view_seed,
-        draft_size=draft_size_for(cfg.image_size, cfg.views) if cfg.draft else None, max_pixels=cfg.max_pixels,
-    )
+    spec = DecodeSpec(root=str(Path(cfg.images)), prep=build_preprocessing(backbone, cfg), max_pixels=cfg.max_pixels)
     dataset = WindowDataset(spec, [e.path for e in entries], B, consumed // B)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=cfg.workers,

@@ -66,7 +66,10 @@ def quarantine_reason(exc: Exception, name: str) -> tuple[str, str]:
 
 
 def draft_size_for(size: int, views: int) -> int:
-    """JPEG draft target: ``size`` for the clean view; larger when random crops (area >= 0.2) follow."""
+    """JPEG draft target: ``size`` for the clean view; larger when random crops (area >= 0.2) follow.
+
+    Callers use ``Preprocessing.draft_size`` (featstore.preprocessing), which applies the spec's draft flag.
+    """
     return size if views <= 1 else int(math.ceil(size / math.sqrt(0.2)))
 
 

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stage1.featstore.preprocessing import Preprocessing
+from stage1._core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Item:
@@ -40,7 +43,8 @@ class ViewDataset(Dataset):
     Otherwise each view is the store's ``make_view(img, seed, level, size)``, with the seed from
     ``featstore.views.view_seed`` keyed on (content hash, epoch and view, run seed) and the level
     drawn from ``levels`` by that seed. Call ``set_epoch`` before each epoch so views differ between
-    epochs but not between runs.
+    epochs but not between runs. ``preprocessing`` is the store's spec of the clean view (size, mean,
+    std, draft); ``from_preprocessing`` builds the dataset from one.
     """
 
     def __init__(
@@ -53,21 +57,30 @@ class ViewDataset(Dataset):
         seed: int = 0,
         n_views: int = 1,
         levels: Sequence[int] | None = None,
+        draft: bool = True,
     ) -> None:
         from stage1.featstore.views import LEVELS
 
         if n_views < 1:
-            raise ValueError("n_views must be >= 1")
+            raise ConfigError("n_views must be >= 1")
         if levels is not None and (not levels or any(lv not in LEVELS for lv in levels)):
-            raise ValueError(f"view levels must be a non-empty list of {LEVELS}, got {list(levels)}")
+            raise ConfigError(f"view levels must be a non-empty list of {LEVELS}, got {list(levels)}")
         self.items = list(items)
-        self.size = int(size)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.preprocessing = Preprocessing(size=size, mean=tuple(mean), std=tuple(std), draft=draft)
+        self.size = self.preprocessing.size
         self.seed = int(seed)
         self.n_views = int(n_views)
         self.levels = None if levels is None else tuple(int(lv) for lv in levels)
         self.epoch = 0
+        # random crops (area >= 0.2) follow the decode of a distorted view: draft-decode larger, as extract does
+        self.draft_size = self.preprocessing.draft_size_for(1 if self.levels is None else 2)
+
+    @classmethod
+    def from_preprocessing(cls, items: Sequence[Item], preprocessing: Preprocessing, *, seed: int = 0,
+                           n_views: int = 1, levels: Sequence[int] | None = None) -> "ViewDataset":
+        """The dataset that decodes and normalises as ``preprocessing`` says (its views recipe is not used)."""
+        prep = preprocessing
+        return cls(items, prep.size, prep.mean, prep.std, seed=seed, n_views=n_views, levels=levels, draft=prep.draft)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -76,19 +89,18 @@ class ViewDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        from stage1.featstore.images import draft_size_for, load_rgb, preprocess
+        from stage1.featstore.images import load_rgb
         from stage1.featstore.views import make_view, view_seed
 
         item = self.items[index]
-        distorted = self.levels is not None
-        img = load_rgb(item.path, draft_size=draft_size_for(self.size, 2 if distorted else 1))
+        img = load_rgb(item.path, draft_size=self.draft_size)
         views = []
         for v in range(self.n_views):
             view = img
             if self.levels is not None:
                 seed = view_seed(item.sha256 or item.rel, 1 + self.epoch * self.n_views + v, self.seed)
                 view = make_view(img, seed, self.levels[seed % len(self.levels)], size=self.size)
-            views.append(preprocess(view, self.size, self.mean, self.std))
+            views.append(self.preprocessing.pixels(view))
         return torch.from_numpy(np.stack(views)), int(item.label), index
 
 

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from stage1.featstore.preprocessing import Preprocessing
+
 from .adapters import AdapterSpec, attach, merge, trainable
 from .data import Item, ViewDataset, collect_items, content_sha256
 from .loop import Runtime, cls_features, enable_checkpointing
@@ -25,6 +27,7 @@ from .targets import block_indices, block_parameter_names, find_blocks, linear_t
 #: Levels of the store's validator-style views used as augmentation (finetune / adapt defaults).
 from stage1._core.constants import DEFAULT_VIEW_LEVELS as ADAPT_LEVELS
 from stage1._core.constants import VIEW_LEVELS as FINETUNE_LEVELS
+from stage1._core.errors import ConfigError, DataError
 
 
 @dataclass
@@ -81,18 +84,20 @@ def _tool() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def _prepare(job: Common) -> tuple[Any, Path]:
+def _prepare(job: Common) -> tuple[Any, Preprocessing, Path]:
+    """Check the options; the backbone, the preprocessing of its clean view (as `extract` records it), out."""
     from stage1.featstore.backbones import check_image_size, load_backbone
 
     out = check_out_dir(job.out)
     if not Path(job.images).is_dir():
-        raise ValueError(f"--images {job.images} is not a folder")
+        raise ConfigError(f"--images {job.images} is not a folder")
     backbone = load_backbone(job.backbone, device="cpu")
     check_image_size(job.image_size, backbone.patch_size)
-    return backbone, out
+    return backbone, Preprocessing.for_backbone(backbone, job.image_size), out
 
 
-def _data_record(job: Common, entries: Sequence[Any], items: list[Item], quarantined: list[dict[str, str]]) -> dict[str, Any]:
+def _data_record(job: Common, prep: Preprocessing, entries: Sequence[Any], items: list[Item],
+                 quarantined: list[dict[str, str]]) -> dict[str, Any]:
     from stage1.featstore.labels import image_list_sha256
 
     return {
@@ -104,6 +109,7 @@ def _data_record(job: Common, entries: Sequence[Any], items: list[Item], quarant
         "quarantined": quarantined,
         "augmentation": {"views": "featstore.views.make_view", "levels": [int(lv) for lv in job.levels]},
         "image_size": job.image_size,
+        "preprocessing": prep.to_dict(),  # the clean view, in the store's own shape (compare with a store's)
     }
 
 
@@ -125,12 +131,12 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     from stage1.featstore.splits import make_splits, parse_fractions, split_counts
     from stage1.heads import HEADS
 
-    backbone, out = _prepare(job)
+    backbone, prep, out = _prepare(job)
     head = HEADS.create(job.head, **job.head_params)
     entries, has_split = parse_labels_csv(job.labels)
     items, quarantined, kept = collect_items(job.images, entries, job.image_size)
     if not items:
-        raise ValueError(f"{job.labels}: no readable images ({len(quarantined)} quarantined)")
+        raise DataError(f"{job.labels}: no readable images ({len(quarantined)} quarantined)")
     labels = np.array([it.label for it in items], dtype=np.int64)
     split_col = np.array([entries[i].split for i in kept]) if has_split else None
     splits = make_splits(labels, [it.sha256 for it in items], seed=job.split_seed,
@@ -138,28 +144,27 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     train_rows = [int(r) for r in splits["train"] if labels[r] >= 0]
     val_rows = [int(r) for r in splits["val_select"] if labels[r] >= 0]
     if len(train_rows) < 2 or len(set(labels[train_rows].tolist())) < 2:
-        raise ValueError(f"{job.labels}: the train split needs labelled images of both classes "
+        raise DataError(f"{job.labels}: the train split needs labelled images of both classes "
                          f"(has {len(train_rows)}); label more images or change --fractions")
 
     model = backbone.model
     blocks = find_blocks(model)
     indices = block_indices(len(blocks), job.blocks)
     if not indices:
-        raise ValueError("--blocks must be >= 1")
+        raise ConfigError("--blocks must be >= 1")
     spec = AdapterSpec(job.peft, job.lora_rank, job.lora_alpha, job.lora_dropout,
                        linear_targets(model, indices, "all"), [])
     torch.manual_seed(job.train.seed)
     peft_model = attach(model, spec)
     rt = Runtime.resolve(job.device, job.amp, job.grad_checkpointing)
     peft_model.to(rt.device)
-    mean, std = backbone.mean, backbone.std
-    train_data = ViewDataset([items[r] for r in train_rows], job.image_size, mean, std,
-                             seed=job.train.seed, levels=job.levels)
-    val_data = ViewDataset([items[r] for r in val_rows], job.image_size, mean, std)
+    train_data = ViewDataset.from_preprocessing([items[r] for r in train_rows], prep, seed=job.train.seed,
+                                                levels=job.levels)
+    val_data = ViewDataset.from_preprocessing([items[r] for r in val_rows], prep)
     head.prepare(labels[train_rows])
     module = head.make_module(backbone.hidden_size)
     if head.hparams.get("standardize"):
-        clean_train = ViewDataset(train_data.items, job.image_size, mean, std)
+        clean_train = ViewDataset.from_preprocessing(train_data.items, prep)
         with rt.autocast():
             m, s = _feature_stats(peft_model, clean_train, rt, job.train.batch_size)
         module.standardize.mean.copy_(m)
@@ -187,7 +192,7 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
             "head_hparams": head.hparams,
         },
         "data": {
-            **_data_record(job, entries, items, quarantined),
+            **_data_record(job, prep, entries, items, quarantined),
             "labels_csv": str(Path(job.labels).resolve()),
             "split": {"seed": job.split_seed, "fractions": parse_fractions(job.fractions),
                       "counts": split_counts(labels, splits), "used": ["train", "val_select"],
@@ -204,11 +209,11 @@ def run_adapt(job: AdaptJob) -> dict[str, Any]:
     """ExPLoRA-style self-supervised adaptation, merge and save; returns the provenance summary."""
     from stage1.featstore.labels import list_images, parse_labels_csv
 
-    backbone, out = _prepare(job)
+    backbone, prep, out = _prepare(job)
     entries = parse_labels_csv(job.image_list)[0] if job.image_list else list_images(job.images)
     items, quarantined, _ = collect_items(job.images, entries, job.image_size)
     if len(items) < job.train.batch_size:
-        raise ValueError(f"{job.images}: {len(items)} readable images, fewer than --batch-size "
+        raise DataError(f"{job.images}: {len(items)} readable images, fewer than --batch-size "
                          f"{job.train.batch_size}; add images or lower --batch-size")
     model = backbone.model
     blocks = find_blocks(model)
@@ -224,8 +229,7 @@ def run_adapt(job: AdaptJob) -> dict[str, Any]:
     peft_model = attach(model, spec)
     rt = Runtime.resolve(job.device, job.amp, job.grad_checkpointing)
     peft_model.to(rt.device)
-    data = ViewDataset(items, job.image_size, backbone.mean, backbone.std, seed=job.train.seed,
-                       n_views=2, levels=job.levels)
+    data = ViewDataset.from_preprocessing(items, prep, seed=job.train.seed, n_views=2, levels=job.levels)
     enable_checkpointing(peft_model, rt.grad_checkpointing)
     n_trainable = sum(p.numel() for p in trainable(peft_model).values())
     history = train_selfsup(peft_model, backbone.hidden_size, data, job.train, rt, show_progress=job.progress)
@@ -247,7 +251,7 @@ def run_adapt(job: AdaptJob) -> dict[str, Any]:
             "n_unfrozen_parameters": len(unfrozen),
             "trainable_parameters": n_trainable,
         },
-        "data": {**_data_record(job, entries, items, quarantined),
+        "data": {**_data_record(job, prep, entries, items, quarantined),
                  "image_list": str(Path(job.image_list).resolve()) if job.image_list else None},
         "training": {**asdict(job.train), **rt.to_dict(), "history": _jsonable(history)},
         "tool": _tool(),

@@ -41,34 +41,29 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 # -- reading a run dir ------------------------------------------------------------------------------
 def run_provenance(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Backbone + preprocessing provenance of the features a run was trained on.
+    """Provenance (backbone, preprocessing, ...) of the store a run was trained on.
 
-    Taken from the run's config.json when it records it, else from the store the run names.
+    ``train`` records it as config.json["store"]["provenance"] (every version, 0.1.0 included);
+    only a config without that object (edited by hand) falls back to opening the store at
+    config.json["store"]["path"].
     """
     from stage1._core.io import read_json
 
-    run = Path(run_dir)
-    cfg = read_json(run / "config.json")
-    for key in ("store_provenance", "provenance"):
-        prov = cfg.get(key)
-        if isinstance(prov, dict) and "backbone" in prov:
-            return prov
-    store = cfg.get("store")
-    if isinstance(store, dict):
-        prov = store.get("provenance")
-        if isinstance(prov, dict) and "backbone" in prov:
-            return prov
-        store = store.get("path")
-    store_path = store or cfg.get("store_path")
-    if not store_path:
-        raise BundleError(f"{run / 'config.json'}: names no store and records no provenance; cannot "
-                          "tell which backbone and preprocessing the head needs")
+    path = Path(run_dir) / "config.json"
+    store = read_json(path).get("store")
+    if not isinstance(store, dict):
+        raise BundleError(f"{path}: names no store; cannot tell which backbone and preprocessing the head "
+                          "needs: re-run `train` on a store made by `extract`")
+    if isinstance(store.get("provenance"), dict):
+        return store["provenance"]
+    store_path = store.get("path")
+    if not store_path or not Path(store_path).exists():
+        raise BundleError(f"{path}: records no store provenance and its store {store_path} is gone; the bundle "
+                          "needs the store's provenance (backbone hash, preprocessing): re-run `train`")
     from stage1.featstore import open_store
 
-    if not Path(store_path).exists():
-        raise BundleError(f"{run / 'config.json'}: its store {store_path} is gone; the bundle needs the "
-                          "store's provenance (backbone hash, preprocessing)")
-    return open_store(store_path).provenance
+    with open_store(str(store_path)) as opened:
+        return opened.provenance
 
 
 def _calibration_facts(run: Path, policy: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +91,8 @@ def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> di
     from stage1._core.io import read_json
     from stage1._core.io import utc_timestamp
 
+    from stage1.featstore.preprocessing import Preprocessing
+
     run = Path(run_dir)
     prov = run_provenance(run)
     if not isinstance(prov.get("backbone"), dict) or not prov["backbone"].get("weights_sha256") \
@@ -103,6 +100,9 @@ def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> di
         raise BundleError(f"{run}: its features were not extracted from images by a known backbone (store "
                           f"provenance kind {prov.get('kind', '?')!r}); a bundle must pin the backbone and "
                           "preprocessing: train on a store made by `extract`")
+    where = f"{run / 'config.json'}: store provenance"
+    prep = Preprocessing.from_dict(prov["preprocessing"], where=where, error=BundleError)
+    prep.require_supported(where, error=BundleError)  # refused now rather than by every `predict`
     backbone = dict(prov["backbone"])
     head_meta = read_json(run / "head.json")
     policy = read_json(run / "policy.json")
@@ -119,7 +119,7 @@ def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> di
         "source_run": str(run.resolve()),
         "backbone": backbone,
         "feature": prov.get("feature", "cls"),
-        "preprocessing": prov["preprocessing"],
+        "preprocessing": prep.to_dict(),
         "head": {"name": head_meta["head"], "in_dim": head_meta["in_dim"], "hparams": head_meta["hparams"]},
         "policy": policy,
         "calibration": _calibration_facts(run, policy),

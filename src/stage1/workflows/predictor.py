@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from stage1.policies.decision import Decision
 from stage1.workflows.bundle import (IMGFOCUS_WEIGHTS_SHA256, BundleError, check_backbone, verify_files)
 
 #: file extensions ``predict DIR`` picks up (case-insensitive).
@@ -48,37 +49,23 @@ def resolve_backbone(manifest: dict[str, Any], backbone: str | os.PathLike[str] 
                       "to a folder with the same weights")
 
 
-def failed_record(error: str, reason: str) -> dict[str, Any]:
-    """The answer for an image that could not be scored: defer, flagged, with the error named.
-
-    Every line keeps the full schema, so a miner always has a ``p_roadwork`` in [0, 1] to send
-    (0.5, no information) and Stage-2 gets the image; ``error`` / ``reason`` say why.
-    """
-    return {"p_roadwork": 0.5, "decision": "defer", "label": None, "pred_set": [0, 1],
-            "select_score": None, "level": "AMBIGUOUS", "error": error, "reason": reason}
-
-
 class Stage1Predictor:
     """Backbone -> head -> exit policy, built from a verified bundle."""
 
     def __init__(self, manifest: dict[str, Any], backbone: Any, head: Any, policy: Any,
                  bundle_dir: str | os.PathLike[str]) -> None:
-        from stage1.featstore.images import RESIZE_RULE, draft_size_for
+        from stage1.featstore.preprocessing import Preprocessing
 
-        prep = manifest["preprocessing"]
-        if prep.get("resize") != RESIZE_RULE:
-            raise BundleError(f"{bundle_dir}: preprocessing resize rule {prep.get('resize')!r} is not the one "
-                              f"this version implements ({RESIZE_RULE!r}); re-extract and re-export")
+        where = str(Path(bundle_dir) / "bundle.json")
+        prep = Preprocessing.from_dict(manifest.get("preprocessing"), where=where, error=BundleError)
+        prep.require_supported(where, error=BundleError)
         self.manifest = manifest
         self.backbone = backbone
         self.head = head
         self.policy = policy
         self.bundle_dir = str(bundle_dir)
-        self.size = int(prep["size"])
-        self.mean = tuple(float(m) for m in prep["mean"])
-        self.std = tuple(float(s) for s in prep["std"])
-        views = int((prep.get("views") or {}).get("n", 1))
-        self.draft_size = draft_size_for(self.size, views) if prep.get("draft", True) else None
+        #: how images are decoded and normalised: the spec the head's training features were made with
+        self.preprocessing = prep
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike[str], backbone: str | os.PathLike[str] | None = None,
@@ -109,15 +96,16 @@ class Stage1Predictor:
         """One image -> float32 [3, S, S] exactly as ``extract`` prepares view 0; BadImage on failure."""
         from PIL import Image
 
-        from stage1.featstore.images import decode, preprocess, read_bytes, to_rgb
+        from stage1.featstore.images import read_bytes, to_rgb
 
+        prep = self.preprocessing
         if isinstance(item, Image.Image):
             img = to_rgb(item)
         elif isinstance(item, (bytes, bytearray)):
-            img = decode(bytes(item), "<bytes>", draft_size=self.draft_size)
+            img = prep.decode(bytes(item), "<bytes>")
         else:
-            img = decode(read_bytes(item), str(item), draft_size=self.draft_size)
-        return preprocess(img, self.size, self.mean, self.std)
+            img = prep.decode(read_bytes(item), str(item))
+        return prep.pixels(img)
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Backbone CLS features [B, D] of preprocessed pixels [B, 3, S, S]."""
@@ -132,7 +120,7 @@ class Stage1Predictor:
         ok = np.isfinite(logits).all(axis=1)
         if scores.get("select") is not None:
             ok &= np.isfinite(np.asarray(scores["select"], dtype=np.float64))
-        records = [failed_record("non-finite head output", "non_finite_output") for _ in range(len(ok))]
+        records = Decision.deferred(len(ok), error="non-finite head output", reason="non_finite_output").to_records()
         if ok.any():
             sub = {k: np.asarray(v)[ok] for k, v in scores.items()}
             decision = self.policy.decide(sub)
@@ -173,14 +161,19 @@ class Stage1Predictor:
                 pixels.append(self.load_pixels(item))
                 good.append(i)
             except bad_image as exc:
-                out[i] = {"path": names[i], **failed_record(str(exc), exc.reason)}
+                out[i] = _failed(names[i], str(exc), exc.reason)
             except Exception as exc:  # never fatal: report the image and carry on
-                out[i] = {"path": names[i], **failed_record(f"{type(exc).__name__}: {exc}", "unreadable")}
+                out[i] = _failed(names[i], f"{type(exc).__name__}: {exc}", "unreadable")
         if good:
             records = self.decide_features(self.embed(np.stack(pixels)))
             for i, rec in zip(good, records):
                 out[i] = {"path": names[i], **rec}
         return [r for r in out if r is not None]
+
+
+def _failed(name: str, error: str, reason: str) -> dict[str, Any]:
+    """The deferred, flagged answer for an image that could not be scored (see ``Decision.deferred``)."""
+    return Decision.deferred(1, error=error, reason=reason).to_records(paths=[name])[0]
 
 
 def _name(item: ImageInput, index: int) -> str:
