@@ -154,3 +154,68 @@ def test_fast_path_equals_zarr_fallback(tmp_path: Path, monkeypatch) -> None:
     slow = st.load_features(rows=[22, 0, 7, 7, 13])
     np.testing.assert_array_equal(fast, slow)
     np.testing.assert_array_equal(st.load_features(views=1), feats.astype(np.float16)[:, 1:2].astype(np.float32))
+
+
+def _foreign_store(path: Path, feats: np.ndarray, labels: np.ndarray, **features_codecs) -> Path:
+    """A schema-1 store as another tool might write it: same arrays and attributes, other codecs."""
+    import zarr
+
+    n = len(feats)
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    g.create_array("features", shape=feats.shape, chunks=(4,) + feats.shape[1:], dtype=feats.dtype, fill_value=0,
+                   **features_codecs)[:] = feats
+    g.create_array("labels", shape=(n,), chunks=(4,), dtype="int8", fill_value=-1)[:] = labels
+    g.create_array("ids", shape=(n,), chunks=(4,), dtype=str)[:] = np.array([f"r{i}" for i in range(n)])
+    g.create_array("sha256", shape=(n,), chunks=(4,), dtype=str)[:] = np.array(["h"] * n)
+    g.update_attributes({"schema_version": 1, "n_committed": n, "complete": True, "provenance": {"kind": "arrays"}})
+    return path
+
+
+@pytest.mark.parametrize("codecs, raw", [
+    ({"compressors": None}, True),
+    ({"compressors": None, "serializer": "big"}, False),  # byte order other than this machine's
+    ({"compressors": "zstd"}, False),
+    ({"compressors": None, "filters": "transpose"}, False),
+])
+def test_chunk_reader_detects_plain_chunks_by_codec_class(tmp_path: Path, codecs: dict, raw: bool) -> None:
+    """The raw reader is used only for a lone BytesCodec in native order; everything else reads through zarr."""
+    import sys
+
+    from zarr.codecs import BytesCodec, TransposeCodec, ZstdCodec
+
+    from stage1.featstore.chunks import raw_readable
+
+    kwargs = dict(codecs)
+    if kwargs.get("serializer") == "big":
+        kwargs["serializer"] = BytesCodec(endian="big" if sys.byteorder == "little" else "little")
+    if kwargs.get("compressors") == "zstd":
+        kwargs["compressors"] = ZstdCodec(level=1)
+    if kwargs.get("filters") == "transpose":
+        kwargs["filters"] = TransposeCodec(order=(0, 2, 1))
+    feats, labels = synthetic(n=10, v=2, d=3)
+    st = Store.open(_foreign_store(tmp_path / "s", feats, labels, **kwargs))
+    assert raw_readable(st.group["features"]) is raw and st._raw_chunks_ok() is raw
+    np.testing.assert_array_equal(st.load_features(), feats)
+    np.testing.assert_array_equal(st.load_features(rows=[9, 0, 4, 4], views=1), feats[[9, 0, 4, 4]][:, 1:2])
+
+
+def test_chunk_reader_checks_codec_type_not_name() -> None:
+    """A foreign class that happens to be called BytesCodec is not trusted; chunks split along D are refused."""
+    from types import SimpleNamespace
+
+    from zarr.codecs import BytesCodec
+
+    from stage1.featstore.chunks import raw_readable
+
+    class LittleEndianBytes(BytesCodec):  # a subclass is still zarr's plain byte layout
+        pass
+
+    def fake(codec: object, chunks: tuple = (4, 2, 3)) -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(codecs=(codec,)), dtype=np.dtype("float32"),
+                               chunks=chunks, shape=(10, 2, 3))
+
+    impostor = type("BytesCodec", (), {"endian": BytesCodec().endian})()
+    assert raw_readable(fake(BytesCodec()))
+    assert raw_readable(fake(LittleEndianBytes()))
+    assert not raw_readable(fake(impostor))
+    assert not raw_readable(fake(BytesCodec(), chunks=(4, 2, 1)))

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from stage1 import cli
 from stage1.workflows.space import SearchSpace, resolve_space_path, shipped_spaces, studies_dir
+from stage1.workflows.sweep import SWEEP_SPLITS, SweepData, feasible, pareto_trials, trial_constraints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,6 +151,46 @@ def test_space_resolution() -> None:
         resolve_space_path("nope.toml", "x")
 
 
+# -- data, feasibility and the Pareto front ------------------------------------------------------------------
+def test_sweep_data_never_loads_test_rows(store: Path, monkeypatch) -> None:
+    from stage1.featstore.splits import load_splits
+    from stage1.featstore.store import Store
+
+    asked: list[np.ndarray] = []
+    real = Store.load_features
+
+    def spy(self, rows=None, views=None, dtype=np.float32):
+        assert rows is not None, "a sweep must name the rows it reads"
+        asked.append(np.asarray(rows))
+        return real(self, rows, views=views, dtype=dtype)
+
+    monkeypatch.setattr(Store, "load_features", spy)
+    data = SweepData.load(store)
+    test_rows = set(np.asarray(load_splits(store)["test"]).tolist())
+    assert "test" not in SWEEP_SPLITS and set(data.x) == set(SWEEP_SPLITS) and len(asked) == len(SWEEP_SPLITS)
+    assert test_rows and not test_rows & set(np.concatenate(asked).tolist())
+
+
+def test_feasibility_comes_from_the_recorded_constraint_only() -> None:
+    """Pareto run dirs come from feasible trials; a trial with no constraint record is never feasible."""
+    import optuna
+    from optuna.trial import create_trial
+
+    def trial(values: list[float], constraint: float | None) -> optuna.trial.FrozenTrial:
+        result = {"risk": 0.0} if constraint is None else {"risk": 0.0, "constraints": {"fnr_exit": constraint}}
+        return create_trial(values=values, user_attrs={"result": result})
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for values, c in [([0.9, 0.1], 0.05), ([0.5, 0.2], -0.01), ([0.6, 0.3], 0.0), ([0.4, 0.1], -0.02),
+                      ([0.95, 0.05], None), ([0.4, 0.1], -0.03)]:
+        study.add_trial(trial(values, c))
+    t = study.trials
+    assert [feasible(x) for x in t] == [False, True, True, True, False, True]
+    assert trial_constraints(t[0]) == {"fnr_exit": 0.05} and trial_constraints(t[4]) is None
+    # the infeasible 0 and the unrecorded 4 dominate everything but are excluded; ties on the front are kept
+    assert [x.number for x in pareto_trials(study)] == [2, 1, 3, 5]
+
+
 # -- the command -----------------------------------------------------------------------------------------
 def test_sweep_cli_writes_results_and_resumes(store: Path, space_file: Path, tmp_path: Path) -> None:
     import optuna
@@ -181,8 +222,10 @@ def test_sweep_cli_writes_results_and_resumes(store: Path, space_file: Path, tmp
 
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
     t = study.trials[0]
-    assert set(t.constraints) == {"fnr_exit"}
-    assert t.constraints["fnr_exit"] == pytest.approx(t.user_attrs["result"]["risk"] - 0.1)
+    constraints = trial_constraints(t)
+    assert set(constraints) == {"fnr_exit"}
+    assert constraints["fnr_exit"] == pytest.approx(t.user_attrs["result"]["risk"] - 0.1)
+    assert list(t.system_attrs["constraints"]) == [constraints["fnr_exit"]]  # the sampler got it too
     assert 0.0 <= t.values[0] <= 1.0 and t.values[1] >= 0.0
     if not t.user_attrs["result"]["certified"]:
         assert t.values[0] == 0.0  # uncertified policies earn no certified coverage

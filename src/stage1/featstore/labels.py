@@ -1,7 +1,9 @@
 """The image list: a labels CSV (`path,label[,split]`, header optional) or every image in a folder.
 
 Paths are relative to --images and must stay inside it; labels are 0, 1 or empty (unlabelled).
-Bad rows are refused with the file, the line and the fix, never silently dropped.
+Bad rows are refused with the file, the line and the fix, never silently dropped. The CSV reader
+(``parse_labels_csv``) and the one writer (``write_labels_csv``) live together so what one writes
+the other reads back unchanged.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from stage1._core.constants import SPLIT_NAMES
 from stage1._core.errors import DataError
+from stage1._core.io import atomic_write_text
 
 #: File endings `extract` picks up when no labels CSV is given.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -23,6 +26,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 class LabelsError(DataError):
     """A labels CSV that cannot be used; the message names the file and line."""
+
+    usage = True  # the fix is another --labels file (exit 2, as the CLI has always answered)
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,30 @@ def parse_labels_csv(csv_path: str | os.PathLike[str]) -> tuple[list[ImageEntry]
     if not entries:
         raise LabelsError(f"{csv_path}: no image rows; expected lines of path,label")
     return entries, has_split
+
+
+def write_labels_csv(
+    path: str | os.PathLike[str], rows: Iterable[ImageEntry | tuple[str, int, str]]
+) -> Path:
+    """Write ``path,label,split`` rows atomically (label < 0: empty = unlabelled); returns ``path``.
+
+    ``rows`` are ``ImageEntry`` objects or (path, label, split) tuples. Quoting is ``csv.writer``'s,
+    so paths with commas, quotes or line breaks read back unchanged through ``parse_labels_csv``.
+    A label other than 0, 1 or unlabelled, or an unknown split, is refused before anything is written.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("path", "label", "split"))
+    for i, row in enumerate(rows):
+        rel, label, split = (row.path, row.label, row.split) if isinstance(row, ImageEntry) else row
+        label = int(label)
+        if label > 1:
+            raise LabelsError(f"{path}: row {i + 1} ({rel}) has label {label}; labels are 0, 1 or < 0 (unlabelled)")
+        if split and split not in SPLIT_NAMES:
+            raise LabelsError(f"{path}: row {i + 1} ({rel}) has split {split!r}, not one of {', '.join(SPLIT_NAMES)}")
+        writer.writerow((rel, "" if label < 0 else label, split or ""))
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)
 
 
 def list_images(images_dir: str | os.PathLike[str]) -> list[ImageEntry]:

@@ -1,12 +1,14 @@
-"""The feature store: one Zarr v3 group with `features` [N,V,D], `labels`, `ids`, `sha256`.
+"""The feature store: one Zarr v3 group with `features` [N,V,D], `labels`, `ids`, `sha256` (and `split`).
 
+``Store`` opens, creates, reads and writes one; ``write_store`` builds a complete one from arrays.
 Write path: preallocate, write chunk-aligned row blocks, fsync them, then bump the `n_committed`
 attribute, so a crash leaves everything below the marker intact and resume simply rewrites what
-lies ahead of it. Read path: whole chunk files are read straight into RAM (no per-row zarr calls).
+lies ahead of it (``durability``). Read path: whole chunk files are read straight into RAM
+(``chunks``), with zarr as the fallback for stores written by other tools. Provenance checks live
+in ``provenance``, the error classes in ``errors``; both are re-exported here.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 from pathlib import Path
@@ -16,106 +18,30 @@ import numpy as np
 import zarr
 
 from stage1 import __version__
-from stage1._core.io import PARTIAL_SUFFIX, read_json, sha256_bytes, utc_timestamp
+from stage1._core.constants import DEFAULT_CHUNK_ROWS
+from stage1._core.constants import FEATURE_DTYPES as DTYPES
+from stage1._core.constants import STORE_SPLITS as SPLITS_NAME
+from stage1._core.errors import ConfigError
+from stage1._core.io import read_json, sha256_bytes, utc_timestamp
+
+from .chunks import RawChunkReader, raw_readable
+from .durability import LOCK_NAME, WriterLock, commit_attributes, fsync_chunks, sweep_partials
+from .errors import ProvenanceMismatch, StoreBusy, StoreError
+from .provenance import INFORMATIONAL_KEYS, check_provenance, provenance_differences
+
+__all__ = [
+    "DEFAULT_CHUNK_ROWS", "DTYPES", "INFORMATIONAL_KEYS", "LOCK_NAME", "SCHEMA_VERSION", "SPLITS_NAME",
+    "ProvenanceMismatch", "Store", "StoreBusy", "StoreError", "provenance_differences", "row_hashes",
+    "sweep_partials", "write_store",
+]
 
 SCHEMA_VERSION = 1
-from stage1._core.constants import DEFAULT_CHUNK_ROWS  # noqa: F401 (re-exported)
-from stage1._core.constants import FEATURE_DTYPES as DTYPES
-from stage1._core.errors import DataError, EnvironmentProblem
-LOCK_NAME = ".featstore.lock"
-SPLITS_NAME = "splits.json"
-#: Provenance keys that describe where something lives, not what it is: never compared on resume.
-INFORMATIONAL_KEYS = ("backbone.path", "images_root", "source_path")
-
-
-class StoreError(DataError):
-    """A store that cannot be used as asked (missing, wrong schema, bad rows)."""
-
-
-class ProvenanceMismatch(StoreError):
-    """Resume / append refused because a provenance attribute differs."""
-
-
-class StoreBusy(EnvironmentProblem):
-    """Another process holds the store's writer lock."""
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def provenance_differences(stored: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(attribute, stored value, new value) for every provenance attribute that differs."""
-    a, b = _flatten(stored), _flatten(new)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key in INFORMATIONAL_KEYS:
-            continue
-        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if isinstance(va, tuple):
-            va = list(va)
-        if isinstance(vb, tuple):
-            vb = list(vb)
-        if va != vb:
-            diffs.append((key, va, vb))
-    return diffs
-
-
-def sweep_partials(root: str | os.PathLike[str]) -> list[Path]:
-    """Delete stale ``*.partial`` temp files a killed writer left behind; returns what was removed."""
-    removed = []
-    for p in Path(root).rglob(f"*{PARTIAL_SUFFIX}"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def _fsync_path(path: Path) -> None:
-    """Best-effort fsync of a file or directory (durability of the committed rows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _WriterLock:
-    """An exclusive advisory lock (flock) on STORE/.featstore.lock; the kernel drops it if we die."""
-
-    def __init__(self, root: Path) -> None:
-        self.fh = open(root / LOCK_NAME, "a+")
-        try:
-            import fcntl
-
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - non-POSIX: no lock, one writer by convention
-            pass
-        except BlockingIOError:
-            self.fh.close()
-            raise StoreBusy(f"{root}: another process is writing this store; wait for it to finish") from None
-
-    def release(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()
 
 
 class Store:
     """A feature store folder. Open with ``Store.open`` / ``featstore.open_store``; build with ``create``."""
 
-    def __init__(self, path: Path, group: zarr.Group, mode: str, lock: _WriterLock | None = None) -> None:
+    def __init__(self, path: Path, group: zarr.Group, mode: str, lock: WriterLock | None = None) -> None:
         self.path = path
         self.group = group
         self.mode = mode
@@ -130,6 +56,7 @@ class Store:
         return self._arrays[name]
 
     def has_array(self, name: str) -> bool:
+        """True when the group holds array ``name`` (``split`` is optional)."""
         return name in self._arrays or name in self.group
 
     # ------------------------------------------------------------------ opening / creating
@@ -140,10 +67,10 @@ class Store:
         if not (root / "zarr.json").exists():
             raise StoreError(f"{root}: not a feature store (no zarr.json); run `extract` or `import-features` first")
         if mode not in ("r", "r+"):
-            raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+            raise ConfigError(f"mode must be 'r' or 'r+', not {mode!r}")
         lock = None
         if mode == "r+":
-            lock = _WriterLock(root)
+            lock = WriterLock(root)
             sweep_partials(root)
         try:
             group = zarr.open_group(str(root), mode="r" if mode == "r" else "r+", zarr_format=3)
@@ -175,14 +102,14 @@ class Store:
     ) -> "Store":
         """Preallocate an empty store (nothing committed) and return it open for writing."""
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
+            raise ConfigError(f"dtype must be one of {DTYPES}, not {dtype!r}")
         if chunk_rows < 1 or views < 1 or dim < 1 or n_rows < 0:
-            raise ValueError("chunk_rows, views and dim must be >= 1 and n_rows >= 0")
+            raise ConfigError("chunk_rows, views and dim must be >= 1 and n_rows >= 0")
         root = Path(path)
         if root.exists() and any(root.iterdir()):
             raise StoreError(f"{root}: exists and is not empty; choose a new --out or delete it")
         root.mkdir(parents=True, exist_ok=True)
-        lock = _WriterLock(root)
+        lock = WriterLock(root)
         try:
             group = zarr.open_group(str(root), mode="a", zarr_format=3)
             rows = max(n_rows, 1)
@@ -225,9 +152,11 @@ class Store:
             self._lock = None
 
     def __enter__(self) -> "Store":
+        """The store itself; ``__exit__`` closes it."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Release the writer lock."""
         self.close()
 
     def refresh(self) -> None:
@@ -244,6 +173,7 @@ class Store:
 
     @property
     def provenance(self) -> dict[str, Any]:
+        """What the features were made from (backbone, preprocessing, image list), as written at creation."""
         return dict(self._attrs.get("provenance", {}))
 
     @property
@@ -253,26 +183,32 @@ class Store:
 
     @property
     def committed(self) -> int:
+        """Same as ``rows``."""
         return self.rows
 
     @property
     def complete(self) -> bool:
+        """True once ``finalize`` has run (every listed image written or quarantined)."""
         return bool(self._attrs.get("complete", False))
 
     @property
     def chunk_rows(self) -> int:
+        """Rows per chunk file (and per durable commit)."""
         return int(self._array("features").chunks[0])
 
     @property
     def views(self) -> int:
+        """Views per image (V)."""
         return int(self._array("features").shape[1])
 
     @property
     def dim(self) -> int:
+        """Feature width (D)."""
         return int(self._array("features").shape[2])
 
     @property
     def dtype(self) -> str:
+        """Stored precision: 'float16' or 'float32'."""
         return str(np.dtype(self._array("features").dtype))
 
     @property
@@ -307,38 +243,9 @@ class Store:
         return np.array(self._array(name)[:n].tolist(), dtype=str)
 
     # ------------------------------------------------------------------ reading features
-    def _chunk_file(self, index: int) -> Path:
-        key = self._array("features").metadata.encode_chunk_key((index, 0, 0))
-        return self.path / "features" / key
-
     def _raw_chunks_ok(self) -> bool:
-        """True when chunk files hold plain little-endian bytes we can read directly."""
-        arr = self._array("features")
-        codecs = arr.metadata.codecs
-        return (
-            len(codecs) == 1
-            and type(codecs[0]).__name__ == "BytesCodec"
-            and np.dtype(self.dtype).itemsize in (2, 4)
-            and (np.dtype(self.dtype).byteorder in ("=", "<") and np.little_endian)
-        )
-
-    def _map_chunk(self, index: int) -> tuple[mmap.mmap | None, np.ndarray | None]:
-        """Memory-map chunk ``index`` as [chunk_rows, V, D] (None, None when never written = fill value)."""
-        path = self._chunk_file(index)
-        try:
-            fh = open(path, "rb")
-        except FileNotFoundError:
-            return None, None
-        with fh:
-            shape = (self.chunk_rows, self.views, self.dim)
-            dtype = np.dtype(self.dtype)
-            expected = int(np.prod(shape)) * dtype.itemsize
-            size = os.fstat(fh.fileno()).st_size
-            if size != expected:
-                raise StoreError(f"{path}: chunk has {size} bytes, expected {expected}; re-run extract")
-            # MAP_POPULATE maps the whole chunk in one go instead of one page fault per 4 KiB
-            mm = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
-        return mm, np.frombuffer(mm, dtype=dtype).reshape(shape)
+        """True when chunk files hold plain native-order bytes the raw reader can copy directly."""
+        return raw_readable(self._array("features"))
 
     def load_features(
         self,
@@ -374,51 +281,7 @@ class Store:
             data = arr[start:stop] if idx is None else arr.get_orthogonal_selection((idx, slice(None), slice(None)))
             data = data if vsel is None else data[:, vsel]
             return np.asarray(data, dtype=out_dtype)
-        return self._load_raw(idx, start, stop, vsel, out_dtype)
-
-    def _load_raw(
-        self, idx: np.ndarray | None, start: int, stop: int, vsel: np.ndarray | None, out_dtype: np.dtype
-    ) -> np.ndarray:
-        """Copy straight from memory-mapped chunk files into the output (one copy, like a .npy memmap)."""
-        cr, V, D = self.chunk_rows, self.views, self.dim
-        nv = V if vsel is None else len(vsel)
-        n = (stop - start) if idx is None else len(idx)
-        out = np.empty((n, nv, D), dtype=out_dtype)
-        if n == 0:
-            return out
-        if idx is None:
-            chunks = range(start // cr, (stop - 1) // cr + 1)
-            groups = None
-        else:
-            chunk_of = idx // cr
-            order = np.argsort(chunk_of, kind="stable")
-            groups = np.split(order, np.flatnonzero(np.diff(chunk_of[order])) + 1)
-            chunks = [int(chunk_of[g[0]]) for g in groups]
-        for k, c in enumerate(chunks):
-            c0 = c * cr
-            mm, arr = self._map_chunk(c)
-            try:
-                if groups is None:
-                    lo, hi = max(start, c0), min(stop, c0 + cr)
-                    dest = out[lo - start : hi - start]
-                    if arr is None:
-                        dest[...] = 0
-                    elif vsel is None:
-                        dest[...] = arr[lo - c0 : hi - c0]
-                    else:
-                        dest[...] = arr[lo - c0 : hi - c0][:, vsel]
-                else:
-                    pos = groups[k]
-                    if arr is None:
-                        out[pos] = 0
-                    else:
-                        local = idx[pos] - c0
-                        out[pos] = arr[local] if vsel is None else arr[local][:, vsel]
-            finally:
-                del arr
-                if mm is not None:
-                    mm.close()
-        return out
+        return RawChunkReader(self.path / "features", self._array("features")).read(idx, start, stop, vsel, out_dtype)
 
     # ------------------------------------------------------------------ writing
     def _require_writable(self) -> None:
@@ -452,22 +315,14 @@ class Store:
         if self.has_array("split"):
             self._array("split")[start : start + n] = np.asarray(list(split) if split is not None else [""] * n, dtype=object).astype(str)
             names.append("split")
-        for c in range(start // cr, (start + n - 1) // cr + 1):
-            for name in names:
-                arr = self._array(name)
-                key = arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
-                f = self.path / name / key
-                _fsync_path(f)
-                _fsync_path(f.parent)
+        fsync_chunks(self.path, [(name, self._array(name)) for name in names], start // cr, (start + n - 1) // cr)
 
     def commit(self, n_committed: int, **attrs: Any) -> None:
         """Durably move the committed-rows marker (and progress attributes) forward."""
         self._require_writable()
         update = {"n_committed": int(n_committed), "updated": utc_timestamp(), **attrs}
-        self.group.update_attributes(update)  # one atomic zarr.json write (attrs.update writes once per key)
+        commit_attributes(self.group, self.path, update)
         self._attrs.update(update)
-        _fsync_path(self.path / "zarr.json")
-        _fsync_path(self.path)
 
     def finalize(self) -> None:
         """Trim arrays to the committed rows (quarantined images left slack) and mark complete."""
@@ -483,14 +338,7 @@ class Store:
 
     def check_provenance(self, provenance: dict[str, Any]) -> None:
         """Refuse (naming the attribute) when ``provenance`` differs from the stored one."""
-        diffs = provenance_differences(self.provenance, provenance)
-        if diffs:
-            key, old, new = diffs[0]
-            more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:])})" if len(diffs) > 1 else ""
-            raise ProvenanceMismatch(
-                f"{self.path}: provenance attribute '{key}' differs (store has {old!r}, this run has {new!r}){more}; "
-                "re-run with the store's settings to resume, or write to a new --out"
-            )
+        check_provenance(self.path, self.provenance, provenance)
 
     # ------------------------------------------------------------------ summary
     def splits_counts(self) -> dict[str, int] | None:

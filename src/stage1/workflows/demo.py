@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from stage1._core.errors import ConfigError, DataError, MissingError
 
 #: 4 x 4 patches of 14 px: enough for 8x8 scans (and 28x28 Fashion-MNIST), and DINOv2-S embeds the
 #: 1797 digits in 1-2 minutes on 2 cores.
@@ -63,7 +64,7 @@ def merge_labels(specs: list[str], images: str, out_csv: Path) -> Path:
 
     E.g. TraCon: ``--labels train.csv --labels val.csv=test`` keeps its val set as our test set.
     """
-    from stage1.featstore.labels import parse_labels_csv
+    from stage1.featstore.labels import parse_labels_csv, write_labels_csv
     from stage1.featstore.splits import SPLIT_NAMES
 
     rows: list[tuple[str, int, str]] = []
@@ -72,9 +73,9 @@ def merge_labels(specs: list[str], images: str, out_csv: Path) -> Path:
         if not Path(spec).is_file() and "=" in spec:
             path, forced = spec.rsplit("=", 1)
             if forced not in SPLIT_NAMES:
-                raise ValueError(f"--labels {spec}: split {forced!r} is not one of {', '.join(SPLIT_NAMES)}")
+                raise ConfigError(f"--labels {spec}: split {forced!r} is not one of {', '.join(SPLIT_NAMES)}")
         if not Path(path).is_file():
-            raise FileNotFoundError(f"--labels {path}: file not found")
+            raise MissingError(f"--labels {path}: file not found")
         entries, _ = parse_labels_csv(path)
         rows += [(e.path, e.label, forced or e.split) for e in entries]
     if len(specs) == 1 and not any(s for _, _, s in rows) and "=" not in specs[0]:
@@ -82,22 +83,9 @@ def merge_labels(specs: list[str], images: str, out_csv: Path) -> Path:
     seen: set[str] = set()
     for p, _, _ in rows:
         if p in seen:
-            raise ValueError(f"--labels: image {p} is listed twice across the CSVs; list each image once")
+            raise DataError(f"--labels: image {p} is listed twice across the CSVs; list each image once")
         seen.add(p)
-    return write_labels_csv(rows, out_csv)
-
-
-def write_labels_csv(rows: list[tuple[str, int, str]], out_csv: Path) -> Path:
-    """``path,label,split`` CSV of (path, label, split) rows (label < 0: unlabelled), written atomically."""
-    from stage1._core.io import atomic_write_text
-
-    lines = ["path,label,split"] + [f"{_csv_field(p)},{'' if label < 0 else label},{split}" for p, label, split in rows]
-    atomic_write_text(out_csv, "\n".join(lines) + "\n")
-    return out_csv
-
-
-def _csv_field(value: str) -> str:
-    return '"' + value.replace('"', '""') + '"' if any(c in value for c in ',"\n') else value
+    return write_labels_csv(out_csv, rows)
 
 
 # -- steps ---------------------------------------------------------------------------------------------
@@ -112,7 +100,7 @@ def prepare_data(cfg: DemoConfig, out: Path) -> tuple[str, Path, str]:
         from stage1.workflows.demodata import FASHION_POSITIVE, find_idx, write_idx_images
 
         if not find_idx(cfg.images):
-            raise ValueError(f"--images {cfg.images}: give --labels CSV (path,label), or point it at a folder "
+            raise ConfigError(f"--images {cfg.images}: give --labels CSV (path,label), or point it at a folder "
                              "of Fashion-MNIST-style IDX files")
         images, csv = write_idx_images(cfg.images, out / "data", max_images=cfg.max_images, seed=cfg.seed)
         return str(images), csv, (f"IDX images from {cfg.images} (Fashion-MNIST: label 1 = classes "
@@ -124,12 +112,12 @@ def prepare_data(cfg: DemoConfig, out: Path) -> tuple[str, Path, str]:
 
 
 def _subsample_csv(csv: Path, max_images: int, seed: int, out_csv: Path) -> Path:
-    from stage1.featstore.labels import parse_labels_csv
+    from stage1.featstore.labels import parse_labels_csv, write_labels_csv
     from stage1.workflows.demodata import subsample
 
     entries, _ = parse_labels_csv(csv)
     keep = subsample(np.array([e.label for e in entries]), max_images, seed)
-    return write_labels_csv([(entries[i].path, entries[i].label, entries[i].split) for i in keep], out_csv)
+    return write_labels_csv(out_csv, [entries[i] for i in keep])
 
 
 def extract_store(cfg: DemoConfig, images: str, labels: Path, backbone: Any, backbone_path: str,
@@ -221,7 +209,7 @@ def run_demo(cfg: DemoConfig) -> str:
     out.mkdir(parents=True, exist_ok=True)
     unknown = [h for h in cfg.heads if h not in _head_names()]
     if not cfg.heads or unknown:
-        raise ValueError(f"--heads: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(_head_names())}")
+        raise ConfigError(f"--heads: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(_head_names())}")
     timings: dict[str, float] = {}
 
     t = time.perf_counter()

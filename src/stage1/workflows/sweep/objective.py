@@ -1,0 +1,118 @@
+"""One trial: fit a head and an exit policy, score the two objectives, record the risk constraint.
+
+The objectives are certified coverage (maximised) and the selector's AUGRC on val_select
+(minimised). The risk target is a constraint ``risk - alpha <= 0``, recorded with the trial's other
+facts in its ``result`` user attribute (``result["constraints"]``). That record is the one source
+of feasibility: ``feasible`` and the Pareto front read it, and the sampler learns it through
+``constraint_values`` passed as the TPE sampler's ``constraints_func`` (optuna >= 3.0), which also
+copies it into optuna's own constraint attribute (the Pareto plot greys infeasible trials from it).
+A trial without a record is never called feasible.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from stage1._core.errors import DataError
+from stage1.workflows.space import SearchSpace
+
+from .data import SweepData
+
+DIRECTIONS = ("maximize", "minimize")
+OBJECTIVE_NAMES = ("certified_coverage", "augrc")
+#: the user attribute holding a trial's facts, and its key holding {risk name: risk - alpha}.
+RESULT_ATTR = "result"
+CONSTRAINTS_KEY = "constraints"
+#: result facts kept per trial (trials.csv flattens them to attr.NAME).
+RESULT_FACTS = ("risk", "coverage", "accuracy", "certified", "reason", "n_needed")
+#: optuna's system-attribute prefix of ``Trial.set_constraint`` (optuna >= 5), read for studies this
+#: package wrote with it before constraints moved into ``result``.
+_OPTUNA_CONSTRAINT_PREFIX = "constraints:"
+
+
+def fit_trial(data: SweepData, head_name: str, head_params: dict[str, Any], policy_name: str,
+              policy_params: dict[str, Any], seed: int) -> tuple[Any, Any, dict[str, dict[str, np.ndarray]]]:
+    """Train the head and fit the policy (on val_calib); returns (head, policy, scores per split)."""
+    from stage1.heads import HEADS
+    from stage1.policies import POLICIES
+
+    # threads=0: the head keeps torch's thread count, which the worker set from --threads
+    head = HEADS.create(head_name, **{"seed": seed, "threads": 0, **head_params})
+    head.fit(data.x["train"], data.y["train"], X_val=data.x["val_select"], y_val=data.y["val_select"])
+    scores = {s: head.predict_scores(data.x[s]) for s in ("val_select", "val_calib")}
+    policy = POLICIES.create(policy_name, **{"seed": seed, **policy_params})
+    policy.fit(scores["val_calib"], data.y["val_calib"])
+    return head, policy, scores
+
+
+def trial_metrics(data: SweepData, policy: Any, scores: dict[str, dict[str, np.ndarray]],
+                  objective: dict[str, Any]) -> dict[str, Any]:
+    """The objectives, the constraint and facts worth keeping, from a fitted head's scores."""
+    from stage1.policies import metrics
+
+    split = objective["coverage_split"]
+    y = data.y[split]
+    decision = policy.decide(scores[split])
+    risks = metrics.selective_risks(y, decision.label, decision.exit)
+    risk = risks[objective["risk"]]
+    risk = 0.0 if risk is None or not math.isfinite(risk) else float(risk)  # nothing exits: no risk
+    sel = scores["val_select"]
+    errors = (np.argmax(sel["logits"], axis=1) != data.y["val_select"]).astype(np.int64)
+    confidence = sel.get("select")
+    if confidence is None:
+        from scipy.special import softmax
+
+        confidence = softmax(sel["logits"], axis=1).max(axis=1)
+    coverage = float(risks["coverage"])
+    return {
+        "certified_coverage": coverage if policy.certified else 0.0,
+        "augrc": float(metrics.augrc(np.asarray(confidence, dtype=np.float64), errors)),
+        "constraint": risk - float(objective["alpha"]),
+        "risk": risk,
+        "coverage": coverage,
+        "accuracy": float(metrics.accuracy(data.y["val_select"], np.argmax(sel["logits"], axis=1))),
+        "certified": bool(policy.certified),
+        "reason": str(policy.reason),
+        "n_needed": policy.n_needed,
+    }
+
+
+def make_objective(data: SweepData, space: SearchSpace, seed: int) -> Callable[[Any], tuple[float, float]]:
+    """The Optuna objective: suggest, fit, score; facts and the constraint go to one user attribute."""
+
+    def objective(trial: Any) -> tuple[float, float]:
+        head, hp, pol, pp = space.suggest(trial)
+        _, policy, scores = fit_trial(data, head, hp, pol, pp, seed)
+        m = trial_metrics(data, policy, scores, space.objective)
+        # one attribute (one storage write) holding every fact and the constraint; trials.csv flattens it
+        trial.set_user_attr(RESULT_ATTR, {**{k: m[k] for k in RESULT_FACTS},
+                                          CONSTRAINTS_KEY: {space.objective["risk"]: m["constraint"]}})
+        return m["certified_coverage"], m["augrc"]
+
+    return objective
+
+
+def trial_constraints(trial: Any) -> dict[str, float] | None:
+    """{risk name: risk - alpha} recorded by a trial, or None when it recorded none (failed, foreign)."""
+    result = trial.user_attrs.get(RESULT_ATTR)
+    if isinstance(result, dict) and isinstance(result.get(CONSTRAINTS_KEY), dict):
+        return {str(k): float(v) for k, v in result[CONSTRAINTS_KEY].items()}
+    legacy = {k[len(_OPTUNA_CONSTRAINT_PREFIX):]: float(v) for k, v in trial.system_attrs.items()
+              if k.startswith(_OPTUNA_CONSTRAINT_PREFIX)}
+    return legacy or None
+
+
+def constraint_values(trial: Any) -> list[float]:
+    """The sampler's ``constraints_func``: the recorded constraint values (<= 0 is feasible), by name."""
+    constraints = trial_constraints(trial)
+    if constraints is None:  # the objective records it before returning, so a finished trial has it
+        raise DataError(f"trial {trial.number} finished without a recorded constraint")
+    return [constraints[k] for k in sorted(constraints)]
+
+
+def feasible(trial: Any) -> bool:
+    """True when the trial recorded its constraints and every one is <= 0 (no record: not feasible)."""
+    constraints = trial_constraints(trial)
+    return constraints is not None and all(v <= 0 for v in constraints.values())

@@ -1,0 +1,106 @@
+"""Where a sweep's trials live: the Optuna storage (``sqlite:///...`` or ``postgresql://...``), the
+seeded sampler, and creating or resuming a study (refusing a resume that would mix incomparable trials).
+
+SQLite suits one machine (WAL journaling so K worker processes block each other less); PostgreSQL
+shares one study between machines. Heartbeats mark the trials of a killed worker as failed, so a
+resumed study never waits on them.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from stage1._core.errors import DataError
+from stage1.workflows.space import SearchSpace
+
+from .data import SweepData
+from .objective import DIRECTIONS, constraint_values
+
+#: seconds between a running trial's heartbeats, and without one before it counts as failed.
+HEARTBEAT_S = 10
+GRACE_S = 60
+
+
+def make_storage(url: str) -> Any:
+    """An RDB storage for ``sqlite:///...`` or ``postgresql://...`` with heartbeats (stale trials fail)."""
+    import optuna
+
+    engine_kwargs: dict[str, Any] = {}
+    sqlite = url.startswith("sqlite")
+    if sqlite:
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+        db = url.split("///", 1)[-1]
+        if db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+            _sqlite_wal(db)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                             heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    if sqlite:
+        from sqlalchemy import event
+
+        event.listen(storage.engine, "connect", _sqlite_pragmas)
+        storage.engine.dispose()  # connections opened from now on get the pragmas
+    return storage
+
+
+def _sqlite_wal(db: str) -> None:
+    """Switch the database file to WAL journaling (persistent): readers and K writers block less."""
+    import sqlite3
+
+    con = sqlite3.connect(db, timeout=120)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """synchronous=NORMAL: with WAL, a commit no longer waits for an fsync (safe from corruption;
+    a power cut may lose the last trials, never the file). Cut per-trial storage time ~10x here."""
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_sampler(seed: int) -> Any:
+    """Seeded multivariate TPE (grouped for the conditional head x policy space), constant liar on,
+    constraint-aware through ``constraints_func`` (the one constraint mechanism every optuna >= 3.0
+    has; optuna 5 marks it deprecated in favour of ``Trial.set_constraint``, which 4.x lacks)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          constraints_func=constraint_values)
+
+
+def open_study(storage: Any, name: str, seed: int) -> Any:
+    """Create or resume the multi-objective study ``name``."""
+    import optuna
+
+    return optuna.create_study(storage=storage, study_name=name, directions=list(DIRECTIONS),
+                               sampler=make_sampler(seed), load_if_exists=True)
+
+
+def check_resume(study: Any, space: SearchSpace, data: SweepData) -> None:
+    """Refuse to add trials scored differently (other store / splits or other risk target)."""
+    attrs = study.user_attrs
+    facts = {"objective": space.objective, "store_fingerprint": data.fingerprint}
+    if not attrs.get("store_fingerprint"):
+        for k, v in {**facts, "store": data.store_path}.items():
+            study.set_user_attr(k, v)
+        return
+    if attrs["store_fingerprint"] != data.fingerprint:
+        raise DataError(
+            f"study {study.study_name!r} was run on other features or splits (store {attrs.get('store')}); "
+            "resume it on the same store, or use a new --study name"
+        )
+    if attrs.get("objective") != space.objective:
+        raise DataError(
+            f"study {study.study_name!r} used objective {attrs.get('objective')}, this space has "
+            f"{space.objective}; trials would not be comparable: use a new --study name"
+        )
