@@ -38,6 +38,54 @@ def test_atomic_dir_swaps_in_a_whole_folder_or_nothing(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no work or old folders left
 
 
+def test_atomic_dir_keep_theirs_keeps_a_finished_folder_and_replaces_a_broken_one(tmp_path: Path) -> None:
+    target = tmp_path / "cache"
+
+    def finished(path: Path) -> bool:
+        return (path / "done").is_file()
+
+    with atomic_dir(target, keep_theirs=finished) as work:  # nothing there yet: ours goes in
+        (work / "done").write_text("first")
+    with atomic_dir(target, keep_theirs=finished) as work:  # theirs is finished: ours is dropped
+        (work / "done").write_text("second")
+    assert (target / "done").read_text() == "first"
+    (target / "done").unlink()  # now a broken leftover: replaced as usual
+    with atomic_dir(target, keep_theirs=finished) as work:
+        (work / "done").write_text("third")
+    assert (target / "done").read_text() == "third"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_atomic_dir_keep_theirs_when_another_writer_wins_the_rename(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    target = tmp_path / "cache"
+    real_rename = os.rename
+
+    def finished(path: Path) -> bool:
+        return (path / "done").is_file()
+
+    def race(src, dst):  # another process renames its finished folder in just before we do
+        Path(dst).mkdir()
+        (Path(dst) / "done").write_text("theirs")
+        real_rename(src, dst)  # fails: the target is a non-empty folder now
+
+    monkeypatch.setattr(os, "rename", race)
+    with atomic_dir(target, keep_theirs=finished) as work:
+        (work / "done").write_text("ours")
+    assert (target / "done").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+    # without keep_theirs the failed rename is an error
+    def refuse(src, dst):
+        raise OSError("rename refused")
+
+    monkeypatch.setattr(os, "rename", refuse)
+    with pytest.raises(OSError, match="refused"):
+        with atomic_dir(tmp_path / "d") as work:
+            (work / "x").write_text("1")
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # the temp folder is gone
+
+
 def test_json_safe_makes_strict_json() -> None:
     import dataclasses
     import json

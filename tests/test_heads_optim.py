@@ -1,11 +1,17 @@
-"""F-SAM: the perturbation uses g - sigma * EMA(g) and the update is a correct two-step SAM update."""
+"""F-SAM: the perturbation uses g - sigma * EMA(g) and the update is a correct two-step SAM update.
+
+Also the two other shared optimisation pieces: ``sam_step`` (one update, with or without F-SAM)
+and ``lr_factor`` (warmup + cosine schedule).
+"""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from stage1.heads.optim import FSAM
+from stage1.heads.optim import FSAM, lr_factor, sam_step
 
 A = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, -0.3], [0.0, -0.3, 3.0]])
 B = torch.tensor([1.0, -2.0, 0.5])
@@ -104,3 +110,56 @@ def test_base_optimizer_shares_param_groups_and_validates() -> None:
         opt.step()
     with pytest.raises(ValueError, match="rho"):
         FSAM([w], torch.optim.SGD, rho=-1.0, lr=0.1)
+
+
+def test_sam_step_is_the_fsam_update_and_a_plain_step_otherwise() -> None:
+    w0 = np.array([1.0, 0.5, -0.5])
+    wa, opa = make(w0, rho=0.05)
+    wb, opb = make(w0, rho=0.05)
+    for _ in range(3):
+        calls: list[np.ndarray] = []
+        loss_a = opa.step(closure_for(wa, []))
+        loss_b = sam_step(opb, closure_for(wb, calls), [wb], grad_clip=0.0)
+        assert len(calls) == 2 and float(loss_a.detach()) == float(loss_b.detach())  # two passes, loss at w
+    np.testing.assert_array_equal(wa.detach().numpy(), wb.detach().numpy())
+
+    w = torch.nn.Parameter(torch.tensor(w0, dtype=torch.float32))
+    calls = []
+    sam_step(torch.optim.SGD([w], lr=0.1), closure_for(w, calls), [w], grad_clip=0.0)
+    assert len(calls) == 1
+    np.testing.assert_allclose(w.detach().numpy(), w0 - 0.1 * quad_grad(w0), rtol=1e-6)
+
+
+def test_sam_step_clips_the_gradient_it_steps_with() -> None:
+    w0 = np.array([1.0, 0.5, -0.5])
+    for opt_kind in ("sgd", "fsam"):
+        w = torch.nn.Parameter(torch.tensor(w0, dtype=torch.float32))
+        opt = torch.optim.SGD([w], lr=1.0) if opt_kind == "sgd" else FSAM([w], torch.optim.SGD, lr=1.0, rho=0.05)
+        sam_step(opt, closure_for(w, []), [w], grad_clip=0.01)
+        assert np.linalg.norm(w.detach().numpy() - w0) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_lr_factor_endpoints() -> None:
+    assert lr_factor(0, 100, 0.1, 0.0) == pytest.approx(0.1)  # first warmup step: 1 / warmup steps
+    assert lr_factor(9, 100, 0.1, 0.0) == 1.0  # last warmup step reaches the peak
+    assert lr_factor(10, 100, 0.1, 0.0) == 1.0  # cosine starts at the peak
+    assert lr_factor(10 + 45, 100, 0.1, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lr_factor(100, 100, 0.1, 0.2) == pytest.approx(0.2)  # ends at min_ratio
+    assert lr_factor(0, 100, 0.0, 0.1) == 1.0  # no warmup: starts at the peak
+    assert lr_factor(0, 100, 0.001, 0.1) == 1.0  # any warmup lasts at least one step
+    assert lr_factor(0, 1, 0.0, 0.1) == 1.0 and lr_factor(0, 0, 0.5, 0.1) == 1.0  # degenerate lengths
+
+
+@pytest.mark.parametrize("warmup_frac,min_ratio", [(0.1, 0.0), (0.05, 0.01), (0.0, 0.5), (0.3, 1.0)])
+def test_lr_factor_rises_then_falls_monotonically(warmup_frac: float, min_ratio: float) -> None:
+    total = 200
+    f = [lr_factor(s, total, warmup_frac, min_ratio) for s in range(total)]
+    warm = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
+    assert all(a < b for a, b in zip(f[:warm], f[1:warm]))  # strictly rising warmup
+    assert all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))  # non-increasing after it
+    assert all(min_ratio - 1e-12 <= v <= 1.0 for v in f[warm:])
+
+
+def test_lr_factor_peak_scales_the_schedule() -> None:
+    for step in (0, 4, 50, 99):
+        assert lr_factor(step, 100, 0.05, 0.01, peak=0.003) == pytest.approx(0.003 * lr_factor(step, 100, 0.05, 0.01))

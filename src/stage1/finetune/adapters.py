@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from stage1._core.registry import Registry
+from stage1._core.errors import ConfigError
 
 #: PEFT methods by name: each factory builds a ``peft.LoraConfig`` from the adapter spec.
 PEFT_METHODS: Registry = Registry("peft method")
@@ -71,15 +72,15 @@ def attach(model: nn.Module, spec: AdapterSpec) -> nn.Module:
     model is modified in place, as ``peft`` does.
     """
     if spec.rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {spec.rank}")
+        raise ConfigError(f"LoRA rank must be >= 1, got {spec.rank}")
     config = PEFT_METHODS.create(spec.method, spec=spec)
     by_name = dict(model.named_parameters())
     missing = [name for name in spec.unfrozen if name not in by_name]
     if missing:
-        raise ValueError(f"parameters to unfreeze not found in the model: {missing[:3]}")
+        raise ConfigError(f"parameters to unfreeze not found in the model: {missing[:3]}")
     clash = [t for t in spec.targets if any(u.startswith(t + ".") for u in spec.unfrozen)]
     if clash:
-        raise ValueError(f"modules both LoRA-wrapped and fully unfrozen: {clash[:3]}")
+        raise ConfigError(f"modules both LoRA-wrapped and fully unfrozen: {clash[:3]}")
     unfrozen = [by_name[name] for name in spec.unfrozen]
     for param in model.parameters():
         param.requires_grad_(False)

@@ -12,6 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from stage1._core.errors import ConfigError
+
+#: views per image: the student on each view learns the teacher on the other
+N_VIEWS = 2
 
 
 class DinoHead(nn.Module):
@@ -53,19 +57,19 @@ class DinoLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not (student_temp > 0 and teacher_temp > 0):
-            raise ValueError("temperatures must be > 0")
+            raise ConfigError("temperatures must be > 0")
         if not 0.0 <= center_momentum < 1.0:
-            raise ValueError("center momentum must be in [0, 1)")
+            raise ConfigError("center momentum must be in [0, 1)")
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, n_views: int = 2) -> torch.Tensor:
-        """``student_out`` / ``teacher_out``: [n_views * B, out_dim], view-major. Updates the centre."""
-        student_chunks = (student_out.float() / self.student_temp).chunk(n_views)
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+        """``student_out`` / ``teacher_out``: [N_VIEWS * B, out_dim], view-major. Updates the centre."""
+        student_chunks = (student_out.float() / self.student_temp).chunk(N_VIEWS)
         teacher_probs = F.softmax((teacher_out.float().detach() - self.center) / self.teacher_temp, dim=-1)
-        teacher_chunks = teacher_probs.chunk(n_views)
+        teacher_chunks = teacher_probs.chunk(N_VIEWS)
         total, terms = student_out.new_zeros((), dtype=torch.float32), 0
         for t_index, t in enumerate(teacher_chunks):
             for s_index, s in enumerate(student_chunks):

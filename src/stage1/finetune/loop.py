@@ -1,20 +1,29 @@
-"""Pieces both training loops share: CLS features, AMP / checkpointing, optimiser, LR schedule.
+"""Pieces both training loops share: CLS features, AMP / checkpointing, optimiser, the step loop.
 
-The LR schedule and the F-SAM optimiser are the heads trainer's (``heads.trainer.lr_at``,
-``heads.optim.FSAM``): one implementation each across the project.
+The LR schedule, the F-SAM optimiser and its update step are the heads trainer's
+(``heads.optim.lr_factor``, ``FSAM``, ``sam_step``): one implementation each across the project.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from stage1.heads.optim import FSAM, lr_factor, sam_step
+
 from .adapters import base_model
+from stage1._core.errors import ConfigError, UnknownNameError
 
 OPTIMIZERS = ("adamw", "fsam")
+#: the cosine schedule ends at this fraction of each group's learning rate
+MIN_LR_RATIO = 0.01
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -27,9 +36,9 @@ class Runtime:
 
     @classmethod
     def resolve(cls, device: str, amp: bool | None = None, grad_checkpointing: bool | None = None) -> "Runtime":
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
+        from stage1.featstore.backbones import resolve_device
+
+        dev = resolve_device(device)
         on_gpu = dev.type == "cuda"
         return cls(dev, on_gpu if amp is None else bool(amp),
                    on_gpu if grad_checkpointing is None else bool(grad_checkpointing))
@@ -50,7 +59,7 @@ def enable_checkpointing(model: nn.Module, on: bool) -> None:
     base = base_model(model)
     supported = getattr(base, "supports_gradient_checkpointing", False)
     if on and not supported:
-        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing; use --no-grad-checkpointing")
+        raise ConfigError(f"{type(base).__name__} does not support gradient checkpointing; use --no-grad-checkpointing")
     if not supported:
         return
     kwargs = {"use_reentrant": False}
@@ -82,42 +91,51 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW, or AdamW inside the project's F-SAM; each group's ``base_lr`` is kept for the schedule."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        raise UnknownNameError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     param_groups = [{"params": list(g["params"]), "lr": g["lr"], "base_lr": g["lr"]} for g in groups if list(g["params"])]
     if name == "fsam":
-        from stage1.heads.optim import FSAM
-
         return FSAM(param_groups, torch.optim.AdamW, rho=rho, weight_decay=weight_decay)
     return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
 
 
-def set_lr(opt: torch.optim.Optimizer, step: int, total: int, warmup_frac: float, min_lr_ratio: float = 0.01) -> None:
-    """Warmup + cosine (the heads trainer's schedule) applied to each group's ``base_lr``."""
-    from stage1.heads.trainer import TrainConfig, lr_at
+class StepLoop:
+    """The step loop both fine-tuning loops run: LR schedule, (F-SAM) update, per-epoch history.
 
-    factor = lr_at(step, total, TrainConfig(lr=1.0, warmup_frac=warmup_frac, min_lr_ratio=min_lr_ratio))
-    for group in opt.param_groups:
-        group["lr"] = group["base_lr"] * factor
+    ``for batch in loop.epoch(batches, desc, show):`` yields the batches of one epoch; the body
+    calls ``loop.update(closure)`` once per batch. ``loop.step`` is the global step of the batch
+    being trained (it advances after the body). At the end of the epoch ``history`` gets the step
+    losses (``step_loss``), their mean (``train_loss``) and the throughput (``images_per_s``).
+    """
 
+    def __init__(self, opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], total: int,
+                 warmup_frac: float, grad_clip: float, history: dict[str, Any]) -> None:
+        self.opt, self.params, self.total = opt, params, total
+        self.warmup_frac, self.grad_clip = warmup_frac, grad_clip
+        self.history = history
+        self.step = 0
+        self._losses: list[float] = []
 
-def optimizer_step(
-    opt: torch.optim.Optimizer, closure, params: Sequence[torch.Tensor], grad_clip: float
-) -> torch.Tensor:
-    """One update: forward/backward via ``closure``; with F-SAM a second pass at the perturbed point."""
-    fsam = hasattr(opt, "first_step")
-    opt.zero_grad(set_to_none=True)
-    loss = closure()
-    if fsam:
-        opt.first_step()
-        opt.zero_grad(set_to_none=True)
-        closure()
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_(params, grad_clip)
-    if fsam:
-        opt.second_step()
-    else:
-        opt.step()
-    return loss
+    def epoch(self, batches: Collection[Any], desc: str, show_progress: bool) -> Iterator[Any]:
+        """Yield ``batches`` (their first item is the image tensor [B, ...]) and log the epoch."""
+        self._losses = []
+        seen, t0 = 0, time.perf_counter()
+        for batch in progress(batches, len(batches), desc, show_progress):
+            yield batch
+            seen += batch[0].shape[0]
+            self.step += 1
+        losses = self._losses
+        self.history["images_per_s"].append(seen / max(time.perf_counter() - t0, 1e-9))
+        self.history["step_loss"].extend(losses)
+        self.history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+
+    def update(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Set this step's learning rates (warmup + cosine on each group's ``base_lr``) and step."""
+        factor = lr_factor(self.step, self.total, self.warmup_frac, MIN_LR_RATIO)
+        for group in self.opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        loss = sam_step(self.opt, closure, self.params, self.grad_clip)
+        self._losses.append(float(loss.detach()))
+        return loss
 
 
 def snapshot(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,11 +145,12 @@ def snapshot(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def restore(named: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Copy ``saved`` tensors back into ``named`` (on their devices), in place."""
     for k, v in named.items():
         v.copy_(saved[k].to(v.device))
 
 
-def progress(iterable, total: int, desc: str, enabled: bool) -> Iterator:
+def progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterator[T]:
     """tqdm to stderr when enabled."""
     if not enabled:
         return iter(iterable)

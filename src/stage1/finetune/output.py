@@ -14,6 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from stage1._core.io import atomic_dir, atomic_write_json, utc_timestamp
+from stage1._core.errors import ExistsError
 
 SCHEMA_VERSION = 1
 PROVENANCE_FILE = "provenance.json"
@@ -25,7 +26,7 @@ def check_out_dir(out: str | os.PathLike[str]) -> Path:
     """Refuse to overwrite: ``out`` must not exist, or be an empty folder."""
     path = Path(out)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} already exists and is not empty; choose a new --out folder")
+        raise ExistsError(f"{path} already exists and is not empty; choose a new --out folder")
     return path
 
 

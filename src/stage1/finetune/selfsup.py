@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from .adapters import trainable
 from .data import ViewDataset, loader
-from .dino import DinoHead, DinoLoss, ema_momentum, ema_update
-from .loop import Runtime, build_optimizer, cls_features, optimizer_step, progress, restore, set_lr
+from .dino import N_VIEWS, DinoHead, DinoLoss, ema_momentum, ema_update
+from .loop import Runtime, StepLoop, build_optimizer, cls_features, restore
+from stage1._core.errors import ConfigError
 
 #: Which network's backbone weights ``adapt`` exports: the EMA teacher (DINO practice) or the student.
 KEEP = ("teacher", "student")
@@ -53,13 +52,13 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError(f"epochs must be >= 1 and batch size >= 2 (got {self.epochs}, {self.batch_size})")
+            raise ConfigError(f"epochs must be >= 1 and batch size >= 2 (got {self.epochs}, {self.batch_size})")
         if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if self.keep not in KEEP:
-            raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
+            raise ConfigError(f"keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
         if not 0.0 <= self.head_warmup_frac < 1.0:
-            raise ValueError(f"head warmup fraction must be in [0, 1), got {self.head_warmup_frac}")
+            raise ConfigError(f"head warmup fraction must be in [0, 1), got {self.head_warmup_frac}")
 
 
 class Student(nn.Module):
@@ -81,8 +80,8 @@ def train_selfsup(
 
     ``data`` must give two views per image (``n_views=2``).
     """
-    if data.n_views != 2:
-        raise ValueError("self-distillation needs a dataset with n_views=2")
+    if data.n_views != N_VIEWS:
+        raise ConfigError(f"self-distillation needs a dataset with n_views={N_VIEWS}")
     torch.manual_seed(cfg.seed)
     head = DinoHead(hidden_size, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
     student = Student(model, head).to(rt.device)
@@ -104,15 +103,13 @@ def train_selfsup(
     total = len(batches) * cfg.epochs
     head_only_steps = int(round(cfg.head_warmup_frac * total))
     history: dict[str, Any] = {"train_loss": [], "step_loss": [], "images_per_s": [], "head_only_steps": head_only_steps}
-    step = 0
+    steps = StepLoop(opt, params, total, cfg.warmup_frac, cfg.grad_clip, history)
     for epoch in range(cfg.epochs):
         data.set_epoch(epoch)
         student.train()
-        losses: list[float] = []
-        seen, t0 = 0, time.perf_counter()
-        for pixels, _, _ in progress(batches, len(batches), f"adapt epoch {epoch + 1}", show_progress):
+        for pixels, _, _ in steps.epoch(batches, f"adapt epoch {epoch + 1}", show_progress):
             x = pixels.transpose(0, 1).reshape(-1, *pixels.shape[2:]).to(rt.device)  # view-major [2B, ...]
-            head_only = step < head_only_steps
+            head_only = steps.step < head_only_steps
             for p in backbone_params.values():
                 p.requires_grad_(not head_only)
 
@@ -121,19 +118,12 @@ def train_selfsup(
                     t_out = teacher(x)
                 with rt.autocast():
                     s_out = student(x)
-                loss = criterion(s_out.float(), t_out.float())
+                loss = criterion(s_out, t_out)  # (it computes in float32)
                 loss.backward()
                 return loss
 
-            set_lr(opt, step, total, cfg.warmup_frac)
-            loss = optimizer_step(opt, closure, params, cfg.grad_clip)
-            ema_update(teacher_named, student_named, ema_momentum(step, total, cfg.ema))
-            losses.append(float(loss.detach()))
-            seen += pixels.shape[0]
-            step += 1
-        history["images_per_s"].append(seen / max(time.perf_counter() - t0, 1e-9))
-        history["step_loss"].extend(losses)
-        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+            steps.update(closure)
+            ema_update(teacher_named, student_named, ema_momentum(steps.step, total, cfg.ema))
     for p in backbone_params.values():
         p.requires_grad_(True)
     if cfg.keep == "teacher":  # the student's model object takes the teacher's weights, then gets merged

@@ -5,21 +5,20 @@ computed on clean images; the best epoch's adapter, unfrozen and head weights ar
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from stage1.heads.early_stopping import EarlyStopping, validation_objective
+from stage1.heads.trainer import LossFn, ScoreFn
+
 from .adapters import trainable
 from .data import ViewDataset, loader
-from .loop import Runtime, build_optimizer, cls_features, optimizer_step, progress, restore, set_lr, snapshot
-
-LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
-ScoreFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+from .loop import Runtime, StepLoop, build_optimizer, cls_features, restore, snapshot
+from stage1._core.errors import ConfigError
 
 
 @dataclass
@@ -43,18 +42,9 @@ class SupervisedConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch size must be >= 1 (got {self.epochs}, {self.batch_size})")
+            raise ConfigError(f"epochs and batch size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if self.lr <= 0 or self.head_lr <= 0:
-            raise ValueError("learning rates must be > 0")
-
-
-def default_scores(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, select): the head's ``select`` output when it has one, else the max softmax."""
-    logits = outputs["logits"].float()
-    select = outputs.get("select")
-    if select is None:
-        select = logits.softmax(-1).max(-1).values
-    return logits, select.float().reshape(-1)
+            raise ConfigError("learning rates must be > 0")
 
 
 @torch.no_grad()
@@ -86,16 +76,15 @@ def train_supervised(
     cfg: SupervisedConfig,
     rt: Runtime,
     *,
-    score_fn: ScoreFn = default_scores,
+    score_fn: ScoreFn,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Train ``model``'s trainable parameters and ``head`` in place; returns the history.
 
-    On return both hold the weights of the epoch with the best val_select objective (or the last
+    ``score_fn(outputs) -> (logits, select)`` is the head's (``Head.scores_from_outputs``). On
+    return both hold the weights of the epoch with the best val_select objective (or the last
     epoch when there is no val_select data).
     """
-    from stage1.heads.trainer import selective_objective
-
     torch.manual_seed(cfg.seed)
     model.to(rt.device)
     head.to(rt.device)
@@ -108,18 +97,15 @@ def train_supervised(
     )
     params = list(named.values())
     batches = loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers)
-    steps_per_epoch = len(batches)
-    total = steps_per_epoch * cfg.epochs
+    total = len(batches) * cfg.epochs
     history: dict[str, Any] = {"train_loss": [], "val_objective": [], "step_loss": [], "images_per_s": []}
-    best, best_epoch, stale, step = math.inf, -1, 0, 0
-    best_state = snapshot(named)
+    steps = StepLoop(opt, params, total, cfg.warmup_frac, cfg.grad_clip, history)
+    stopper = EarlyStopping(cfg.patience, state=snapshot(named))
     for epoch in range(cfg.epochs):
         train_data.set_epoch(epoch)
         model.train()
         head.train()
-        losses: list[float] = []
-        seen, t0 = 0, time.perf_counter()
-        for pixels, y, _ in progress(batches, steps_per_epoch, f"finetune epoch {epoch + 1}", show_progress):
+        for pixels, y, _ in steps.epoch(batches, f"finetune epoch {epoch + 1}", show_progress):
             x = pixels[:, 0].to(rt.device)
             yb = y.to(rt.device)
 
@@ -130,32 +116,19 @@ def train_supervised(
                 loss.backward()
                 return loss
 
-            set_lr(opt, step, total, cfg.warmup_frac)
-            loss = optimizer_step(opt, closure, params, cfg.grad_clip)
-            losses.append(float(loss.detach()))
-            seen += len(x)
-            step += 1
-        history["images_per_s"].append(seen / max(time.perf_counter() - t0, 1e-9))
-        history["step_loss"].extend(losses)
-        history["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
+            steps.update(closure)
         if val_data is None or len(val_data) == 0:
-            best_epoch, best_state = epoch, snapshot(named)
+            stopper.keep(epoch, snapshot(named))
             continue
         outputs, yv = predict(model, head, val_data, rt, cfg.batch_size, cfg.workers)
         logits, select = score_fn(outputs)
-        errors = (logits.argmax(1).numpy() != yv).astype(np.int64)
-        obj = selective_objective(cfg.select_metric, select.numpy().astype(np.float64), errors, cfg.target_risk)
-        history["val_objective"].append(float(obj))
-        if obj < best - 1e-12:
-            best, best_epoch, stale = obj, epoch, 0
-            best_state = snapshot(named)
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    restore(named, best_state)
+        obj = validation_objective(cfg.select_metric, logits, select, yv, cfg.target_risk)
+        history["val_objective"].append(obj)
+        if stopper.update(obj, epoch, lambda: snapshot(named)):
+            break
+    restore(named, stopper.best_state)
     model.eval()
     head.eval()
-    history.update(best_epoch=best_epoch, epochs_run=len(history["train_loss"]),
-                   best_objective=None if math.isinf(best) else float(best))
+    history.update(best_epoch=stopper.best_epoch, epochs_run=len(history["train_loss"]),
+                   best_objective=stopper.best_value)
     return history

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from stage1._core.errors import ConfigError, UnknownNameError
 
 #: Which Linear layers of a block to wrap: every projection, the attention ones, or Q and V only.
 TARGET_KINDS = ("all", "attention", "qv")
@@ -48,7 +49,7 @@ def find_blocks(model: nn.Module) -> BlockList:
         exact = [item for item in found if len(item[1]) == n_expected]
         found = exact or found
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__}: no encoder block list found (expected an nn.ModuleList of "
             "identical blocks with Linear layers); is this a ViT backbone?"
         )
@@ -59,7 +60,7 @@ def find_blocks(model: nn.Module) -> BlockList:
 def block_indices(n_blocks: int, last: int) -> list[int]:
     """Indices of the last ``last`` blocks; a clear error when ``last`` is out of range."""
     if not 0 <= last <= n_blocks:
-        raise ValueError(f"blocks must be between 0 and {n_blocks} for this backbone, got {last}")
+        raise ConfigError(f"blocks must be between 0 and {n_blocks} for this backbone, got {last}")
     return list(range(n_blocks - last, n_blocks))
 
 
@@ -75,7 +76,7 @@ def linear_targets(model: nn.Module, indices: list[int], kind: str = "all") -> l
     when the model has no separately named Q and V.
     """
     if kind not in TARGET_KINDS:
-        raise ValueError(f"unknown target kind {kind!r}; choose one of: {', '.join(TARGET_KINDS)}")
+        raise UnknownNameError(f"unknown target kind {kind!r}; choose one of: {', '.join(TARGET_KINDS)}")
     blocks = find_blocks(model)
     names: list[str] = []
     for index in indices:

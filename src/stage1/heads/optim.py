@@ -10,13 +10,17 @@ stochastic gradients and perturbs along the remainder ``g - sigma * m`` (the bat
     e_t   = rho * d_t / ||d_t||
     w    <- w + e_t ; second forward/backward at w + e_t ; w <- w ; base optimizer step.
 
-This is the one F-SAM implementation of the project; the full-image fine-tuning code reuses it.
+This is the one F-SAM implementation of the project, with the two other optimisation pieces both
+training loops (heads on cached features, full-image fine-tuning) share: ``sam_step``, one update
+with or without F-SAM's second pass, and ``lr_factor``, the warmup + cosine learning-rate schedule.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import math
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch import nn
 
 
 class FSAM(torch.optim.Optimizer):
@@ -95,16 +99,56 @@ class FSAM(torch.optim.Optimizer):
         """Full two-pass update; ``closure`` runs forward + backward and returns the loss."""
         if closure is None:
             raise ValueError("FSAM.step needs a closure that runs forward + backward")
-        self.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            loss = closure()
-        self.first_step()
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            closure()
-        self.second_step()
-        return loss
+            return sam_step(self, closure, (), grad_clip=0.0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.base_optimizer.param_groups = self.param_groups
+
+
+def sam_step(
+    opt: torch.optim.Optimizer,
+    closure: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    grad_clip: float,
+    *,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """One update; returns the loss at the current weights.
+
+    ``closure()`` runs forward + backward and returns the loss. With an ``FSAM`` optimiser it runs
+    again at the perturbed point and the step uses those gradients; otherwise one plain step.
+    ``grad_clip > 0`` clips the gradients that are stepped with (``foreach`` goes to
+    ``clip_grad_norm_``; the heads trainer forces the fused kernels on CPU, None lets torch choose).
+    """
+    fsam = isinstance(opt, FSAM)
+    opt.zero_grad(set_to_none=True)
+    loss = closure()
+    if fsam:
+        opt.first_step()
+        opt.zero_grad(set_to_none=True)
+        closure()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(params, grad_clip, foreach=foreach)
+    if fsam:
+        opt.second_step()
+    else:
+        opt.step()
+    return loss
+
+
+def lr_factor(step: int, total: int, warmup_frac: float, min_ratio: float, *, peak: float = 1.0) -> float:
+    """Learning rate at ``step`` of ``total`` as a multiple of the peak: linear warmup, then cosine.
+
+    Warmup lasts ``round(warmup_frac * total)`` steps (at least one when ``warmup_frac > 0``) and
+    climbs to 1 at its last step; the cosine then falls to ``min_ratio`` at ``total``. ``peak``
+    scales the result inside the formula (the heads trainer passes its lr, so its rounding, and
+    hence its seeded weights, are those of the schedule it always had).
+    """
+    warm = max(1, int(round(warmup_frac * total))) if warmup_frac > 0 else 0
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    floor = peak * min_ratio
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

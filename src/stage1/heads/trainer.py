@@ -3,12 +3,12 @@
 AdamW (optionally wrapped in F-SAM), linear warmup + cosine decay, an EMA of the weights (the EMA
 copy is what gets evaluated and kept), gradient clipping, and early stopping on val_select by a
 selective objective computed from the head's own ``select`` score. Seeded: the same seed, data and
-thread count give bit-identical weights.
+thread count give bit-identical weights. The F-SAM step and the schedule (``optim``) and the
+early-stopping bookkeeping (``early_stopping``) are the ones full-image fine-tuning uses too.
 """
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,13 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .optim import FSAM
+from .early_stopping import SELECT_METRICS, EarlyStopping, validation_objective
+from .optim import FSAM, lr_factor, sam_step
 
 LossFn = Callable[..., torch.Tensor]
 ScoreFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
-
-#: selective objectives for early stopping (see ``selective_objective``; all oriented lower = better)
-SELECT_METRICS = ("augrc", "aurc", "coverage_at_risk")
 
 
 @dataclass
@@ -85,28 +83,6 @@ class TrainResult:
         }
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Learning rate at ``step`` of ``total``: linear warmup then cosine down to lr * min_lr_ratio."""
-    warm = max(1, int(round(cfg.warmup_frac * total))) if cfg.warmup_frac > 0 else 0
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def selective_objective(name: str, confidence: np.ndarray, errors: np.ndarray, target_risk: float) -> float:
-    """Early-stopping objective, oriented so that LOWER is better."""
-    from stage1.policies import metrics
-
-    if name == "augrc":
-        return float(metrics.augrc(confidence, errors))
-    if name == "aurc":
-        return float(metrics.aurc(confidence, errors))
-    # coverage at selective risk <= target_risk (negated: lower is better)
-    return -float(metrics.coverage_at_risk(confidence, errors, target_risk))
-
-
 def _adamw_impl() -> dict[str, bool]:
     """The fused CPU AdamW kernel (one pass over the weights) where this torch has it."""
     try:
@@ -118,6 +94,11 @@ def _adamw_impl() -> dict[str, bool]:
 
 def _as_views(x: torch.Tensor) -> torch.Tensor:
     return x[:, None, :] if x.ndim == 2 else x
+
+
+def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of ``module``'s state dict (the best epoch's weights)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 @torch.no_grad()
@@ -193,9 +174,7 @@ def _train(module: nn.Module, loss_fn: LossFn, score_fn: ScoreFn, x: torch.Tenso
     xv = None if x_val is None else _as_views(x_val)[:, 0]
     yv = None if y_val is None else y_val.detach().cpu().numpy()
     result = TrainResult()
-    best_state: dict[str, torch.Tensor] | None = None
-    best = math.inf
-    stale = 0
+    stopper: EarlyStopping[dict[str, torch.Tensor]] = EarlyStopping(cfg.patience)
     step = 0
     module.train()
     for epoch in range(cfg.epochs):
@@ -212,7 +191,7 @@ def _train(module: nn.Module, loss_fn: LossFn, score_fn: ScoreFn, x: torch.Tenso
             xb = torch.index_select(x_flat, 0, flat_idx)  # ~100x faster than x[rows, views] on CPU
             yb = torch.index_select(y, 0, rows)
             eb = {k: torch.index_select(v.reshape(-1), 0, flat_idx if v.ndim == 2 else rows) for k, v in extras.items()}
-            lr = lr_at(step, total, cfg)
+            lr = lr_factor(step, total, cfg.warmup_frac, cfg.min_lr_ratio, peak=cfg.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
 
@@ -221,18 +200,7 @@ def _train(module: nn.Module, loss_fn: LossFn, score_fn: ScoreFn, x: torch.Tenso
                 loss.backward()
                 return loss
 
-            opt.zero_grad(set_to_none=True)
-            loss = closure()
-            if cfg.fsam:
-                opt.first_step()  # type: ignore[attr-defined]
-                opt.zero_grad(set_to_none=True)
-                closure()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-            if cfg.fsam:
-                opt.second_step()  # type: ignore[attr-defined]
-            else:
-                opt.step()
+            loss = sam_step(opt, closure, params, cfg.grad_clip, foreach=True)
             if ema is not module:
                 decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
                 torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
@@ -245,25 +213,20 @@ def _train(module: nn.Module, loss_fn: LossFn, score_fn: ScoreFn, x: torch.Tenso
                 on_epoch(epoch, result.train_loss[-1], None)
             continue
         logits, select = score_fn(predict_outputs(ema, xv))
-        errors = (logits.argmax(1).cpu().numpy() != yv).astype(np.int64)
-        obj = selective_objective(cfg.select_metric, select.cpu().numpy().astype(np.float64), errors, cfg.target_risk)
+        obj = validation_objective(cfg.select_metric, logits, select, yv, cfg.target_risk)
         result.val_objective.append(obj)
         if on_epoch is not None:
             on_epoch(epoch, result.train_loss[-1], obj)
-        if not cfg.early_stopping:  # fixed epochs, final weights kept; the objective is only logged
-            continue
-        if obj < best - 1e-12:
-            best, stale = obj, 0
-            result.best_epoch, result.best_objective = epoch, obj
-            best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
+        # without early stopping: fixed epochs, final weights kept; the objective is only logged
+        if cfg.early_stopping and stopper.update(obj, epoch, lambda: _clone_state(ema)):
+            break
+    best_state = stopper.best_state
     if best_state is None:  # no validation data or early_stopping=False: the last epoch
-        best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
+        best_state = _clone_state(ema)
         result.best_epoch = result.epochs_run - 1
         result.best_objective = result.val_objective[-1] if result.val_objective else None
+    else:
+        result.best_epoch, result.best_objective = stopper.best_epoch, stopper.best_value
     module.load_state_dict(best_state)
     module.eval()
     return result

