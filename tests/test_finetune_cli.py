@@ -137,11 +137,11 @@ def test_bad_input_gives_one_line_errors(labelled: Path, tiny_backbone_dir: Path
     code, output, *_ = _invoke([*base, "--out", str(tmp_path / "a"), "--head", "nope", *TINY])
     assert code == 2 and "unknown head 'nope'" in output
     code, output, *_ = _invoke([*base, "--out", str(tmp_path / "b"), "--image-size", "30"])
-    assert code == 1 and "multiple of the backbone's patch size 16" in output
+    assert code == 2 and "multiple of the backbone's patch size 16" in output  # a bad option value, as in extract
     code, output, *_ = _invoke([*base, "--out", str(tmp_path / "c"), "--head", "gate", "--epochs", "1", *TINY])
     assert code == 1 and "in_sample" in output  # the gate's cross-fitted target is not available here
     code, output, *_ = _invoke([*base, "--out", str(tmp_path / "d"), "--blocks", "3", *TINY])
-    assert code == 1 and "blocks must be between 0 and 2" in output
+    assert code == 2 and "blocks must be between 0 and 2" in output  # a bad option value
     code, output, *_ = _invoke([*base, "--out", str(tmp_path / "e"), "--aug-levels", "1,7", *TINY])
     assert code == 2 and "levels must be from 0-3" in output
     code, output, *_ = _invoke([*base, "--out", str(tmp_path / "f"), "--head-param", "hidden", *TINY])

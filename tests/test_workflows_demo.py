@@ -121,13 +121,13 @@ def test_demo_usage_errors(tiny_backbone_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--images" in res.output
     res = CliRunner().invoke(cli.main, ["demo", "--backbone", str(tiny_backbone_dir), "--heads", "nope",
                                         "--out", str(tmp_path / "o")])
-    assert res.exit_code == 1 and "unknown nope" in res.output
+    assert res.exit_code == 2 and "unknown nope" in res.output  # bad option values exit 2 in every command
     res = CliRunner().invoke(cli.main, ["demo", "--backbone", str(tiny_backbone_dir), "--image-size", "30",
                                         "--out", str(tmp_path / "o")])
-    assert res.exit_code == 1 and "multiple of the backbone's patch size" in res.output
+    assert res.exit_code == 2 and "multiple of the backbone's patch size" in res.output
     res = CliRunner().invoke(cli.main, ["demo", "--backbone", str(tiny_backbone_dir), "--images", str(tmp_path),
                                         "--out", str(tmp_path / "o")])
-    assert res.exit_code == 1 and "IDX" in res.output
+    assert res.exit_code == 2 and "IDX" in res.output
 
 
 def test_demo_batch_size_reaches_extract_and_predict(tiny_backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:

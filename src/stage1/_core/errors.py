@@ -38,7 +38,9 @@ class MissingError(Stage1Error, FileNotFoundError):
 
 
 class ExistsError(Stage1Error, FileExistsError):
-    """An output that is already there and would be overwritten."""
+    """An output that is already there and would be overwritten (the fix: another --out)."""
+
+    usage = True
 
 
 class EnvironmentProblem(Stage1Error, RuntimeError):

@@ -32,8 +32,10 @@ COMMANDS: dict[str, str] = {
 
 
 class LazyGroup(click.Group):
-    """A click group that imports a command's module the first time the command is needed and
-    turns any ``Stage1Error`` (or OS error) it raises into a one-line click error."""
+    """A click group that imports a command's module the first time the command is needed.
+
+    Errors are mapped by each command (``errors.Stage1Command``); the group maps those raised
+    while it loads a command."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)

@@ -6,7 +6,7 @@ traceback.
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import click
 
@@ -36,3 +36,16 @@ def run_mapping_errors(fn: Callable[[], T]) -> T:
         if mapped is None:
             raise
         raise mapped from None
+
+
+class Stage1Command(click.Command):
+    """A click command whose user-caused errors print as one line (also when invoked directly,
+    as tests and other programs do, not only through the ``stage1`` group)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return run_mapping_errors(lambda: super(Stage1Command, self).invoke(ctx))
+
+
+def command(name: str | None = None, **attrs: Any) -> Callable[[Callable[..., Any]], click.Command]:
+    """``@click.command`` for every stage1 command: the same, with the one error mapping."""
+    return click.command(name, cls=Stage1Command, **attrs)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from stage1._core.errors import ConfigError, EnvironmentProblem, MissingError
 from stage1._core.io import sha256_file
 from stage1._core.registry import Registry
 
@@ -23,6 +24,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Weight files, most preferred first.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``--device`` as a torch device: cpu, cuda or cuda:N; a clear error when it cannot be used."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(f"--device {name} was asked for but torch sees no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EnvironmentProblem(f"--device {name}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 class Backbone:
@@ -60,7 +77,7 @@ def weights_sha256(folder: str | os.PathLike[str]) -> tuple[str, str]:
                 h.update(f"{shard}:{sha256_file(folder / shard)}\n".encode())
             return name, h.hexdigest()
         return name, sha256_file(path)
-    raise FileNotFoundError(
+    raise MissingError(
         f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}); point --backbone at a saved HF model folder"
     )
 
@@ -88,13 +105,11 @@ class HFBackbone(Backbone):
 
         folder = Path(path)
         if not (folder / "config.json").exists():
-            raise FileNotFoundError(
+            raise MissingError(
                 f"{folder}: no config.json; --backbone must be a local Hugging Face model folder"
             )
         self.path = folder.resolve()
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        self.device = resolve_device(device)
         self.weights_file, self.weights_sha256 = weights_sha256(folder)
         model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         model.eval().requires_grad_(False)
@@ -146,7 +161,7 @@ def load_backbone(path: str | os.PathLike[str], device: str = "cpu", kind: str =
 def check_image_size(size: int, patch_size: int) -> None:
     """Refuse an input size that is not a positive multiple of the patch size."""
     if size <= 0 or size % patch_size:
-        raise ValueError(
+        raise ConfigError(
             f"image size {size} is not a multiple of the backbone's patch size {patch_size}; "
             f"use e.g. {max(patch_size, round(size / patch_size) * patch_size)}"
         )

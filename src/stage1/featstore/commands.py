@@ -9,6 +9,24 @@ import json
 
 import click
 
+from stage1._core.constants import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_FEATURE_DTYPE,
+    DEFAULT_FRACTIONS,
+    DEFAULT_MAX_PIXELS,
+    FEATURE_DTYPES,
+    SPLIT_NAMES,
+)
+from stage1.cli.errors import command
+from stage1.cli.options import (
+    batch_size_option,
+    device_option,
+    image_size_option,
+    seed_option,
+    threads_option,
+    workers_option,
+)
+
 
 def _int_list(text: str, name: str) -> list[int]:
     try:
@@ -17,24 +35,24 @@ def _int_list(text: str, name: str) -> list[int]:
         raise click.BadParameter(f"{text!r}: give comma-separated integers", param_hint=name) from None
 
 
-@click.command()
+@command()
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Folder the image paths are relative to.")
 @click.option("--labels", type=click.Path(dir_okay=False), default=None,
               help="CSV of path,label[,split] (header optional; label 0, 1 or empty = unlabelled). "
                    "Without it, every image under --images is extracted unlabelled.")
 @click.option("--backbone", required=True, type=click.Path(exists=True, file_okay=False), help="Local Hugging Face model folder (DINOv3, DINOv2, ...).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder; an existing store with the same settings is resumed.")
-@click.option("--batch-size", default=32, show_default=True, type=int, help="Images per forward pass (and per decode window).")
-@click.option("--image-size", default=224, show_default=True, type=int, help="Square input size; a multiple of the patch size.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored feature precision.")
+@batch_size_option(32, help="Images per forward pass (and per decode window).")
+@image_size_option()
+@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default=DEFAULT_FEATURE_DTYPE, show_default=True, help="Stored feature precision.")
 @click.option("--views", default=1, show_default=True, type=int, help="Views per image: 1 clean + N-1 validator-style distorted views.")
 @click.option("--view-levels", default="1,2,3", show_default=True, help="Distortion levels (0-3) cycled over the extra views.")
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Base seed of the views (each view's seed mixes it with the image hash).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="cuda runs the backbone under bf16 autocast.")
-@click.option("--workers", default=2, show_default=True, type=int, help="Decode processes running alongside the forward pass (0 = decode inline).")
-@click.option("--threads", default=0, show_default=True, type=int, help="Torch threads for the forward pass (0 = torch's default).")
-@click.option("--chunk-rows", default=4096, show_default=True, type=int, help="Rows per Zarr chunk and per durable commit.")
-@click.option("--max-pixels", default=89_478_485, show_default=True, type=int, help="Larger images are quarantined as decompression bombs.")
+@device_option(help="cpu, or cuda / cuda:N (the backbone runs under bf16 autocast).")
+@workers_option(2)
+@threads_option(help="Torch threads for the forward pass (0 = torch's default).")
+@click.option("--chunk-rows", default=DEFAULT_CHUNK_ROWS, show_default=True, type=int, help="Rows per Zarr chunk and per durable commit.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int, help="Larger images are quarantined as decompression bombs.")
 @click.option("--draft/--no-draft", default=True, show_default=True, help="Decode large JPEGs at reduced scale (libjpeg draft mode) before resizing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(images, labels, backbone, out, batch_size, image_size, dtype, views, view_levels, view_seed, device,
@@ -46,8 +64,6 @@ def extract(images, labels, backbone, out, batch_size, image_size, dtype, views,
     views, image list) differs. Unreadable images are quarantined and listed by `info`.
     """
     from .extract import ExtractConfig, run_extract
-    from .labels import LabelsError
-    from .store import ProvenanceMismatch, StoreBusy, StoreError
 
     cfg = ExtractConfig(
         images=images, labels=labels, backbone=backbone, out=out, batch_size=batch_size, image_size=image_size,
@@ -55,14 +71,7 @@ def extract(images, labels, backbone, out, batch_size, image_size, dtype, views,
         device=device, workers=workers, threads=threads, chunk_rows=chunk_rows, max_pixels=max_pixels, draft=draft,
         progress=not quiet,
     )
-    try:
-        summary = run_extract(cfg)
-    except (LabelsError, ValueError) as exc:
-        if isinstance(exc, (ProvenanceMismatch, StoreError)):
-            raise click.ClickException(str(exc)) from None
-        raise click.UsageError(str(exc)) from None
-    except (StoreBusy, OSError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from None
+    summary = run_extract(cfg)
     q = summary["quarantined"]
     click.echo(
         f"{summary['store']}: {summary['rows']} rows committed of {summary['listed']} listed, "
@@ -101,27 +110,24 @@ def _format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command()
+@command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys: rows, committed, dim, views, dtype, provenance, quarantined, ...).")
 def info(store, as_json) -> None:
     """Describe a feature store: rows, dimensions, provenance, quarantined images, splits."""
-    from .store import Store, StoreError
+    from .store import Store
 
-    try:
-        data = Store.open(store).info()
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
+    data = Store.open(store).info()
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         click.echo(_format_info(data))
 
 
-@click.command()
+@command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("--seed", default=0, show_default=True, type=int, help="Mixed with each image's content hash to order it within its label.")
-@click.option("--fractions", default="0.55,0.10,0.20,0.15", show_default=True,
+@seed_option(help="Mixed with each image's content hash to order it within its label.")
+@click.option("--fractions", default=",".join(f"{DEFAULT_FRACTIONS[s]:.2f}" for s in SPLIT_NAMES), show_default=True,
               help="train,val_select,val_calib,test fractions (normalised to sum 1).")
 def split(store, seed, fractions) -> None:
     """Write STORE/splits.json: train / val_select / val_calib / test, stratified and leakage-free.
@@ -129,41 +135,31 @@ def split(store, seed, fractions) -> None:
     Identical images (same content hash) always share a split; a `split` column in the labels CSV
     is honoured. val_calib is for calibration and guarantees only; test only for reporting.
     """
-    from .splits import SplitError, write_splits
-    from .store import StoreError
+    from .splits import write_splits
 
-    try:
-        payload = write_splits(store, seed=seed, fractions=fractions)
-    except SplitError as exc:
-        raise click.UsageError(str(exc)) from None
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
+    payload = write_splits(store, seed=seed, fractions=fractions)
     click.echo(f"wrote {store}/splits.json (seed {seed})")
     for name, c in payload["counts"].items():
         click.echo(f"  {name:<11} {c['n']:>7} rows  (0: {c['0']}, 1: {c['1']}, unlabelled: {c['unlabelled']})")
 
 
-@click.command("export-features")
+@command("export-features")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["h5", "npy"]), required=True, help="h5: one HDF5 file; npy: a folder of .npy files + provenance.json.")
 @click.option("--out", type=click.Path(), default=None, help="Output path (default: STORE.h5 or STORE.npy/).")
 def export_features(store, fmt, out) -> None:
     """Export committed features, labels, ids and sha256 for other tools."""
     from .interop import export_features as run
-    from .store import StoreError
 
-    try:
-        path = run(store, fmt, out)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
+    path = run(store, fmt, out)
     click.echo(f"wrote {path}")
 
 
-@click.command("import-features")
+@command("import-features")
 @click.argument("file", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New store folder.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="Stored precision (default: the file's, float32 otherwise).")
-@click.option("--chunk-rows", default=4096, show_default=True, type=click.IntRange(min=1), help="Rows per Zarr chunk.")
+@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default=None, help="Stored precision (default: the file's, float32 otherwise).")
+@click.option("--chunk-rows", default=DEFAULT_CHUNK_ROWS, show_default=True, type=click.IntRange(min=1), help="Rows per Zarr chunk.")
 def import_features(file, out, dtype, chunk_rows) -> None:
     """Make a store from features cached elsewhere: HDF5 or .npz with features, labels, optional ids.
 
@@ -171,10 +167,6 @@ def import_features(file, out, dtype, chunk_rows) -> None:
     kind "imported" with the source path and sha256.
     """
     from .interop import import_features as run
-    from .store import StoreError
 
-    try:
-        st = run(file, out, dtype=dtype, chunk_rows=chunk_rows)
-    except (StoreError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+    st = run(file, out, dtype=dtype, chunk_rows=chunk_rows)
     click.echo(f"{out}: imported {st.rows} rows, {st.views} view(s), dim {st.dim}, {st.dtype}")

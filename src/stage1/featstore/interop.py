@@ -15,6 +15,7 @@ import numpy as np
 
 from stage1._core.io import atomic_path, atomic_write_json, sha256_file
 from .store import DEFAULT_CHUNK_ROWS, Store, StoreError, write_store
+from stage1._core.errors import ConfigError, MissingError
 
 FORMATS = ("h5", "npy")
 
@@ -28,7 +29,7 @@ def default_export_path(store_path: str | os.PathLike[str], fmt: str) -> Path:
 def export_features(store_path: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str] | None = None) -> Path:
     """Write the store's committed rows as HDF5 (one file) or .npy files (a folder); returns the path."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+        raise ConfigError(f"format must be one of {FORMATS}, not {fmt!r}")
     store = Store.open(store_path)
     target = Path(out) if out else default_export_path(store_path, fmt)
     if fmt == "h5":
@@ -104,7 +105,7 @@ def read_features_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     where = str(p)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: file not found")
+        raise MissingError(f"{p}: file not found")
     out: dict[str, Any] = {"format": None, "provenance": None, "ids": None, "sha256": None}
     if p.is_dir():
         if not (p / "features.npy").exists():

@@ -15,7 +15,7 @@ import numpy as np
 
 from stage1._core.io import atomic_write_json, read_json
 
-from stage1._core.errors import DataError
+from stage1._core.errors import ConfigError, DataError, MissingError
 from stage1._core.constants import DEFAULT_FRACTIONS, SPLIT_NAMES  # noqa: F401 (re-exported)
 SPLITS_FILE = "splits.json"
 SCHEMA_VERSION = 1
@@ -23,6 +23,12 @@ SCHEMA_VERSION = 1
 
 class SplitError(DataError):
     """Splits that cannot be made as asked (bad fractions, a `split` column that leaks)."""
+
+
+class FractionsError(SplitError, ConfigError):
+    """--fractions that cannot be split fractions (a usage error: fix the command line)."""
+
+    usage = True
 
 
 def parse_fractions(fractions: Mapping[str, float] | Sequence[float] | str | None) -> dict[str, float]:
@@ -33,18 +39,18 @@ def parse_fractions(fractions: Mapping[str, float] | Sequence[float] | str | Non
         try:
             fractions = [float(x) for x in fractions.replace(" ", "").split(",")]
         except ValueError:
-            raise SplitError(f"fractions {fractions!r}: give 4 comma-separated numbers (train,val_select,val_calib,test)") from None
+            raise FractionsError(f"fractions {fractions!r}: give 4 comma-separated numbers (train,val_select,val_calib,test)") from None
     if isinstance(fractions, Mapping):
         unknown = set(fractions) - set(SPLIT_NAMES)
         if unknown:
-            raise SplitError(f"unknown split name(s) {sorted(unknown)}; use {', '.join(SPLIT_NAMES)}")
+            raise FractionsError(f"unknown split name(s) {sorted(unknown)}; use {', '.join(SPLIT_NAMES)}")
         values = [float(fractions.get(name, 0.0)) for name in SPLIT_NAMES]
     else:
         values = [float(x) for x in fractions]
         if len(values) != len(SPLIT_NAMES):
-            raise SplitError(f"give {len(SPLIT_NAMES)} fractions ({', '.join(SPLIT_NAMES)}), got {len(values)}")
+            raise FractionsError(f"give {len(SPLIT_NAMES)} fractions ({', '.join(SPLIT_NAMES)}), got {len(values)}")
     if any(not np.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
-        raise SplitError(f"fractions must be >= 0 with a positive sum, got {values}")
+        raise FractionsError(f"fractions must be >= 0 with a positive sum, got {values}")
     total = sum(values)
     return {name: v / total for name, v in zip(SPLIT_NAMES, values)}
 
@@ -162,7 +168,7 @@ def load_splits(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     if p.is_dir():
         p = p / SPLITS_FILE
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no splits file; run `stage1 split STORE` first")
+        raise MissingError(f"{p}: no splits file; run `stage1 split STORE` first")
     data = read_json(p)
     rows = data.get("rows")
     if not isinstance(rows, dict) or set(rows) != set(SPLIT_NAMES):

@@ -11,6 +11,9 @@ from typing import Any
 
 import click
 
+from stage1.cli.errors import command
+from stage1.cli.options import batch_size_option, device_option, image_size_option, seed_option, workers_option
+
 PEFT_CHOICES = ("lora", "dora")
 OPTIMIZER_CHOICES = ("adamw", "fsam")
 LORA_ON_CHOICES = ("qv", "attention", "all")
@@ -27,32 +30,17 @@ def _levels(value: str) -> tuple[int, ...]:
     return levels
 
 
-def _run(fn: Any, job: Any) -> dict[str, Any]:
-    """Run a job, turning bad input into one-line CLI errors."""
-    from stage1.featstore.labels import LabelsError
-
-    try:
-        return fn(job)
-    except (FileExistsError, FileNotFoundError, LabelsError, KeyError) as exc:
-        raise click.UsageError(str(exc).strip("'\"")) from None
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
 def _runtime_options(f: Any) -> Any:
     options = [
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
+        device_option(),
         click.option("--amp/--no-amp", default=None,
                      help="bf16 autocast; default on for cuda, off for cpu."),
         click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
                      help="Recompute activations in backward to save memory; default on for cuda."),
-        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="DataLoader worker processes decoding images."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of adapter init, shuffling and view distortions."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
-        click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
-                     help="Input side in pixels (multiple of the patch size); use the size you extract with."),
+        workers_option(0, help="DataLoader worker processes decoding images."),
+        seed_option(help="Seed of adapter init, shuffling and view distortions."),
+        batch_size_option(16, help="Images per training step."),
+        image_size_option(help="Input side in pixels (multiple of the patch size); use the size you extract with."),
         click.option("--lora-dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True),
         click.option("--lora-alpha", type=click.FloatRange(min=0.0, min_open=True), default=16.0, show_default=True,
                      help="LoRA scaling numerator (scale = alpha / rank)."),
@@ -69,7 +57,7 @@ def _runtime_options(f: Any) -> Any:
     return f
 
 
-@click.command("finetune")
+@command("finetune")
 @_runtime_options
 @click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Labels CSV: path,label[,split] with paths relative to --images.")
@@ -115,10 +103,7 @@ def finetune(**kw: Any) -> None:
     if head_params:
         from stage1.heads import HEADS
 
-        try:
-            defaults = HEADS.get(kw["head_name"]).default_hparams()
-        except KeyError as exc:
-            raise click.UsageError(str(exc).strip("'\"")) from None
+        defaults = HEADS.get(kw["head_name"]).default_hparams()
         head_params = coerce_hparams(head_params, defaults, kw["head_name"])
 
     train = SupervisedConfig(
@@ -135,11 +120,11 @@ def finetune(**kw: Any) -> None:
         head_params=head_params, split_seed=kw["split_seed"], fractions=kw["fractions"],
         train=train,
     )
-    record = _run(run_finetune, job)
+    record = run_finetune(job)
     _report(kw["out"], record)
 
 
-@click.command("adapt")
+@command("adapt")
 @_runtime_options
 @click.option("--list", "image_list", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Optional CSV (path[,label]) restricting which images under --images are used; labels ignored.")
@@ -188,7 +173,7 @@ def adapt(**kw: Any) -> None:
         grad_checkpointing=kw["grad_checkpointing"], progress=True, image_list=kw["image_list"],
         unfreeze=kw["unfreeze"], lora_on=kw["lora_on"], train_norms=kw["train_norms"], train=train,
     )
-    record = _run(run_adapt, job)
+    record = run_adapt(job)
     _report(kw["out"], record)
 
 

