@@ -280,7 +280,7 @@ def test_sweep_refuses_an_out_holding_other_runs(store: Path, space_file: Path, 
     res = CliRunner().invoke(cli.main, ["sweep", str(store), "--study", "o", "--storage", f"sqlite:///{tmp_path / 'o.db'}",
                                         "--space", str(space_file), "--out", str(out), "--seed", "1", "--trials", "4",
                                         "--quiet"])
-    assert res.exit_code == 1 and "holds another run" in res.output, res.output
+    assert res.exit_code == 2 and "holds another run" in res.output, res.output  # an --out in use: choose another (usage)
     assert res.exception is None or isinstance(res.exception, SystemExit)
 
 

@@ -23,8 +23,9 @@ class ConfigError(Stage1Error, ValueError):
     usage = True
 
 
-class UnknownNameError(Stage1Error, KeyError):
-    """A name that no registry (heads, policies, calibrators, backbones, risks) knows."""
+class UnknownNameError(Stage1Error, KeyError, ValueError):
+    """A name that no registry (heads, policies, calibrators, backbones, risks) knows: a lookup
+    miss (KeyError) and a bad parameter value (ValueError) alike, for callers catching either."""
 
     usage = True
 

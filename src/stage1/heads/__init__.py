@@ -1,6 +1,7 @@
 """Small heads trained on cached features, registered by name in ``HEADS``.
 
 ``HEADS.create(name, **hparams)`` builds an unfitted head; ``load_head(dir)`` restores a saved one.
+Each head class declares its hyperparameters once (``HEADS.get(name).PARAMS``).
 Importing ``heads`` stays light (``heads.commands`` is loaded by ``stage1 --help``): the head
 modules, which need torch, are imported the first time ``HEADS`` or ``load_head`` is used.
 """
@@ -37,6 +38,7 @@ def __getattr__(name: str) -> Any:
 
 def load_head(path: str | os.PathLike[str]) -> "Head":
     """Load a head saved by ``Head.save`` (head.json + head.safetensors in ``path``)."""
+    from stage1._core.errors import DataError
     from stage1._core.io import load_safetensors, read_json
 
     from .base import HEAD_JSON, HEAD_WEIGHTS, SCHEMA_VERSION
@@ -45,9 +47,9 @@ def load_head(path: str | os.PathLike[str]) -> "Head":
     meta_path = os.path.join(path, HEAD_JSON)
     meta = read_json(meta_path)
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, expected "
+        raise DataError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, expected "
                          f"{SCHEMA_VERSION}; retrain the head with this version")
     name = meta.get("head")
     if name not in registry:
-        raise ValueError(f"{meta_path}: unknown head {name!r}; known: {', '.join(registry.names())}")
+        raise DataError(f"{meta_path}: unknown head {name!r}; known: {', '.join(registry.names())}")
     return registry.get(name).from_saved(meta, load_safetensors(os.path.join(path, HEAD_WEIGHTS)))

@@ -1,6 +1,7 @@
 """The Head protocol: sklearn-style estimators on cached features, saved as safetensors + JSON.
 
-A head subclass declares its own hyperparameters (``HPARAMS``), builds an ``nn.Module`` mapping
+A head subclass declares its hyperparameters once (``PARAMS``: ``COMMON_PARAMS`` plus its own, each
+with type, default, range and help; ``stage1._core.params``), builds an ``nn.Module`` mapping
 features [B, D] to a dict of output tensors (``make_module``), defines its training ``loss`` and
 how outputs become ``(logits, select)`` (``scores_from_outputs``). Everything else (input
 standardisation, class weights, training with ``heads.trainer``, prediction, save / load) lives
@@ -17,22 +18,71 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .trainer import TrainConfig, TrainResult, predict_outputs, train_module
+from stage1._core.errors import ConfigError, DataError
+from stage1._core.params import Param, Params
+
+from .trainer import SELECT_METRICS, TrainConfig, TrainResult, predict_outputs, train_module
 
 SCHEMA_VERSION = 1
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_JSON = "head.json"
 
-#: hyperparameters every head has: the trainer's plus input / loss handling and the trunk.
-COMMON_HPARAMS: dict[str, Any] = {
-    **{f.name: f.default for f in fields(TrainConfig)},
-    "hidden": 256,
-    "depth": 1,
-    "dropout": 0.1,
-    "standardize": True,
-    "label_smoothing": 0.0,
-    "class_weights": "balanced",
+VIEW_MODES = ("sample", "all")
+
+#: help and range of the trainer's settings; their names, types and defaults are ``TrainConfig``'s.
+_TRAINER_DECL: dict[str, dict[str, Any]] = {
+    "epochs": dict(help="Maximum epochs.", low=1),
+    "batch_size": dict(help="Rows per step.", low=2),
+    "lr": dict(help="AdamW peak learning rate (linear warmup, cosine decay).", low=0.0, low_open=True),
+    "weight_decay": dict(help="AdamW weight decay.", low=0.0),
+    "warmup_frac": dict(help="Share of the steps that warm the learning rate up.", low=0.0, high=1.0),
+    "min_lr_ratio": dict(help="Final learning rate as a share of the peak.", low=0.0, high=1.0),
+    "ema_decay": dict(help="EMA of the weights (0 = off); the EMA copy is evaluated and kept.",
+                      low=0.0, high=1.0, high_open=True),
+    "grad_clip": dict(help="Clip the gradient norm (0 = off).", low=0.0),
+    "fsam": dict(help="Friendly-SAM two-step updates around AdamW."),
+    "fsam_rho": dict(help="F-SAM perturbation radius (with fsam).", low=0.0),
+    "fsam_sigma": dict(help="F-SAM: weight of the gradient's running mean removed before perturbing.", low=0.0),
+    "fsam_lmbda": dict(help="F-SAM: EMA decay of the gradient's running mean.", low=0.0, high=1.0, high_open=True),
+    "patience": dict(help="Early stopping: epochs without improvement on val_select.", low=0),
+    "early_stopping": dict(help="Stop early on val_select (off: run every epoch, keep the last weights)."),
+    "select_metric": dict(help="Early-stopping objective on val_select.", choices=SELECT_METRICS),
+    "target_risk": dict(help="Selective risk target of select_metric=coverage_at_risk.", low=0.0, high=1.0),
+    "view_mode": dict(help="'sample' (one random cached view per row and epoch) or 'all'.", choices=VIEW_MODES),
+    "seed": dict(help="Seed (same seed and data -> identical weights).", low=0),
+    "threads": dict(help="Torch threads while training (0 = torch's setting).", low=0),
 }
+
+#: the trainer's settings as declared parameters (a TrainConfig field without an entry above is
+#: still a parameter, typed by its default; the head contract test asks for its help and range).
+TRAINER_PARAMS = Params(*(Param(f.name, type(f.default), f.default, **_TRAINER_DECL.get(f.name, {}))
+                          for f in fields(TrainConfig)))
+
+
+def _class_weights(value: Any) -> Any:
+    """``class_weights``: 'balanced', 'none' or two positive numbers ('w0,w1' or a list)."""
+    if value in ("balanced", "none"):
+        return value
+    try:
+        vals = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        vals = []
+    if len(vals) != 2 or min(vals) <= 0:
+        raise ValueError("'balanced', 'none' or two positive numbers 'w0,w1'")
+    return value
+
+
+#: hyperparameters every head has: the trainer's plus input / loss handling and the trunk.
+COMMON_PARAMS = TRAINER_PARAMS + Params(
+    Param("hidden", int, 256, "Trunk width.", low=1),
+    Param("depth", int, 1, "Trunk layers (Linear-ReLU-Dropout); 0 = none.", low=0),
+    Param("dropout", float, 0.1, "Trunk dropout.", low=0.0, high=1.0, high_open=True),
+    Param("standardize", bool, True, "Standardise features with the training mean / std (kept in the head)."),
+    Param("label_smoothing", float, 0.0, "Cross-entropy label smoothing.", low=0.0, high=1.0),
+    Param("class_weights", str, "balanced", "'balanced', 'none' or 'w0,w1'.", also=(list,), check=_class_weights),
+)
+#: their defaults, as a plain dict.
+COMMON_HPARAMS: dict[str, Any] = COMMON_PARAMS.defaults()
 
 
 def _to_tensor(x: Any) -> torch.Tensor:
@@ -72,7 +122,7 @@ class FastDropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {p}")
+            raise ConfigError(f"dropout must be in [0, 1), got {p}")
         self.cut = int(round(p * 256))
         self.effective_p = self.cut / 256
 
@@ -111,28 +161,27 @@ def class_weight_vector(spec: Any, y: np.ndarray | None) -> torch.Tensor | None:
         return torch.tensor(counts.sum() / (2.0 * counts), dtype=torch.float32)
     vals = [float(v) for v in (spec.split(",") if isinstance(spec, str) else spec)]
     if len(vals) != 2 or min(vals) <= 0:
-        raise ValueError(f"class_weights must be 'balanced', 'none' or two positive numbers, got {spec!r}")
+        raise ConfigError(f"class_weights must be 'balanced', 'none' or two positive numbers, got {spec!r}")
     return torch.tensor(vals, dtype=torch.float32)
 
 
 class Head:
-    """Base of every registered head; subclasses set ``HPARAMS`` and the four module hooks."""
+    """Base of every registered head; subclasses set ``PARAMS`` and the four module hooks.
+
+    ``__init__(**hparams)`` checks the given values against ``PARAMS`` (unknown names, type, range:
+    a ConfigError naming the hyperparameter), fills in the defaults, then runs ``_check`` for rules
+    involving several hyperparameters.
+    """
 
     registry_name: ClassVar[str] = "head"
     #: True when ``select`` is a learned selector (policies then threshold it by default).
     HAS_SELECTOR: ClassVar[bool] = False
-    #: head-specific hyperparameters and defaults (may override COMMON_HPARAMS defaults).
-    HPARAMS: ClassVar[dict[str, Any]] = {}
+    #: the declared hyperparameters: COMMON_PARAMS (defaults may be overridden) plus the head's own.
+    PARAMS: ClassVar[Params] = COMMON_PARAMS
 
     def __init__(self, **hparams: Any) -> None:
-        defaults = self.default_hparams()
-        unknown = sorted(set(hparams) - set(defaults))
-        if unknown:
-            raise ValueError(
-                f"{self.registry_name}: unknown hyperparameter(s) {', '.join(unknown)}; "
-                f"valid: {', '.join(sorted(defaults))}"
-            )
-        self.hparams: dict[str, Any] = {**defaults, **hparams}
+        self.hparams: dict[str, Any] = type(self).PARAMS.resolve(hparams, self._owner(), "hyperparameter")
+        self._check()
         self.module_: nn.Module | None = None
         self.in_dim_: int | None = None
         self.class_weight_: torch.Tensor | None = None
@@ -140,20 +189,26 @@ class Head:
         #: optional ``callback(epoch, train_loss, val_objective)`` after each epoch (progress bars).
         self.progress_callback: Callable[[int, float, float | None], None] | None = None
 
+    def _owner(self) -> str:
+        return f"head {self.registry_name!r}"
+
+    def _check(self) -> None:
+        """Rules involving several hyperparameters (each one alone is already checked); ConfigError."""
+
     # -- sklearn-style parameters -------------------------------------------------------------
     @classmethod
     def default_hparams(cls) -> dict[str, Any]:
         """All hyperparameters of this head with their defaults."""
-        return {**COMMON_HPARAMS, **cls.HPARAMS}
+        return cls.PARAMS.defaults()
 
     def get_params(self) -> dict[str, Any]:
+        """All hyperparameters (sklearn style); ``HEADS.create(name, **get_params())`` rebuilds the head."""
         return dict(self.hparams)
 
     def set_params(self, **hparams: Any) -> "Head":
-        bad = sorted(set(hparams) - set(self.hparams))
-        if bad:
-            raise ValueError(f"{self.registry_name}: unknown hyperparameter(s) {', '.join(bad)}")
-        self.hparams.update(hparams)
+        """Change hyperparameters (checked like the constructor's); returns self."""
+        self.hparams.update(type(self).PARAMS.coerce(hparams, self._owner(), "hyperparameter"))
+        self._check()
         return self
 
     def train_config(self, **overrides: Any) -> TrainConfig:
@@ -212,14 +267,14 @@ class Head:
     def _check_xy(self, X: Any, y: Any | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = _to_tensor(X)
         if x.ndim not in (2, 3):
-            raise ValueError(f"{self.registry_name}: X must be [n, D] or [n, V, D], got shape {tuple(x.shape)}")
+            raise DataError(f"{self.registry_name}: X must be [n, D] or [n, V, D], got shape {tuple(x.shape)}")
         if y is None:
             return x, None
         yt = torch.as_tensor(np.asarray(y), dtype=torch.long)
         if yt.ndim != 1 or len(yt) != len(x):
-            raise ValueError(f"{self.registry_name}: y must be [n] with n = {len(x)}, got {tuple(yt.shape)}")
+            raise DataError(f"{self.registry_name}: y must be [n] with n = {len(x)}, got {tuple(yt.shape)}")
         if len(yt) and (int(yt.min()) < 0 or int(yt.max()) > 1):
-            raise ValueError(f"{self.registry_name}: labels must be 0 or 1 (unlabelled rows must be removed first)")
+            raise DataError(f"{self.registry_name}: labels must be 0 or 1 (unlabelled rows must be removed first)")
         return x, yt
 
     def fit(self, X: Any, y: Any, *, X_val: Any = None, y_val: Any = None) -> "Head":
@@ -227,7 +282,7 @@ class Head:
         x, yt = self._check_xy(X, y)
         assert yt is not None
         if (X_val is None) != (y_val is None):
-            raise ValueError(f"{self.registry_name}: give both X_val and y_val (early stopping needs labels) or neither")
+            raise DataError(f"{self.registry_name}: give both X_val and y_val (early stopping needs labels) or neither")
         xv, yv = (None, None) if X_val is None else self._check_xy(X_val, y_val)
         self._fit_tensors(x, yt, xv, yv)
         return self
@@ -272,7 +327,7 @@ class Head:
         if x.ndim == 3:
             x = x[:, 0]
         if x.shape[1] != self.in_dim_:
-            raise ValueError(f"{self.registry_name}: features have width {x.shape[1]}, head expects {self.in_dim_}")
+            raise DataError(f"{self.registry_name}: features have width {x.shape[1]}, head expects {self.in_dim_}")
         logits, select = self.scores_from_outputs(predict_outputs(module, x))
         return {"logits": logits.numpy().astype(np.float32), "select": select.numpy().astype(np.float32)}
 

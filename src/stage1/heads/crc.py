@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from stage1._core.params import Param, Params
+
 from .mlp import MLPHead
 from .registry import HEADS
 
@@ -74,21 +76,16 @@ class CRCHead(MLPHead):
     Same network as ``mlp`` (trunk + class layer); only the loss differs.
     """
 
-    HPARAMS: dict[str, Any] = {
-        "batch_size": 512,
-        "crc_alpha": 0.02,
-        "crc_bandwidth": 2.0,
-        "crc_temperature": 0.05,
-        "lambda_crc": 1.0,
-        "lambda_eff": 1.0,
-    }
-
-    def __init__(self, **hparams: Any) -> None:
-        super().__init__(**hparams)
-        if not 0.0 < float(self.hparams["crc_alpha"]) < 1.0:
-            raise ValueError(f"crc: crc_alpha must be in (0, 1), got {self.hparams['crc_alpha']}")
-        if float(self.hparams["crc_temperature"]) <= 0:
-            raise ValueError(f"crc: crc_temperature must be > 0, got {self.hparams['crc_temperature']}")
+    PARAMS = MLPHead.PARAMS.with_defaults(batch_size=512) + Params(
+        Param("crc_alpha", float, 0.02, "Miss-rate level of the simulated CRC step.", low=0.0, high=1.0,
+              low_open=True, high_open=True),
+        Param("crc_bandwidth", float, 2.0, "Kernel bandwidth (in ranks) smoothing the CRC order statistic "
+              "(0 = exact).", low=0.0),
+        Param("crc_temperature", float, 0.05, "Temperature of the soft miss / non-exit indicators.", low=0.0,
+              low_open=True),
+        Param("lambda_crc", float, 1.0, "Weight of the soft miss rate.", low=0.0),
+        Param("lambda_eff", float, 1.0, "Weight of the soft rate of negatives not exitable (efficiency).", low=0.0),
+    )
 
     def loss(self, outputs: dict[str, torch.Tensor], y: torch.Tensor, **extras: torch.Tensor) -> torch.Tensor:
         h = self.hparams

@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Head
+from stage1._core.errors import DataError
+from stage1._core.params import Param, Params
+
+from .base import COMMON_PARAMS, Head
 from .registry import HEADS
 
 GATE_TARGETS = ("in_sample", "out_of_fold")
@@ -42,19 +45,13 @@ class GateHead(Head):
     """Classifier with a learned exit gate."""
 
     HAS_SELECTOR = True
-    HPARAMS: dict[str, Any] = {
-        "gate_target": "out_of_fold",
-        "gate_weight": 1.0,
-        "gate_hidden": 64,
-        "folds": 5,
-    }
-
-    def __init__(self, **hparams: Any) -> None:
-        super().__init__(**hparams)
-        if self.hparams["gate_target"] not in GATE_TARGETS:
-            raise ValueError(f"gate: gate_target {self.hparams['gate_target']!r}; choose one of {', '.join(GATE_TARGETS)}")
-        if self.hparams["gate_target"] == "out_of_fold" and int(self.hparams["folds"]) < 2:
-            raise ValueError(f"gate: folds must be >= 2 for out_of_fold, got {self.hparams['folds']}")
+    PARAMS = COMMON_PARAMS + Params(
+        Param("gate_target", str, "out_of_fold", "What 'the classifier is right' means for the gate: the batch's "
+              "own logits (in_sample) or K-fold cross-fitted predictions (out_of_fold).", choices=GATE_TARGETS),
+        Param("gate_weight", float, 1.0, "Weight of the gate's BCE next to the classification CE.", low=0.0),
+        Param("gate_hidden", int, 64, "Width of the gate's hidden layer (0 = a linear gate).", low=0),
+        Param("folds", int, 5, "Cross-fitting folds K for gate_target=out_of_fold.", low=2),
+    )
 
     def build_layers(self, width: int) -> nn.ModuleDict:
         gh = int(self.hparams["gate_hidden"])
@@ -74,7 +71,7 @@ class GateHead(Head):
             target = (logits.detach().argmax(1) == y).float()
         else:
             if "gate_target" not in extras:
-                raise ValueError("gate: gate_target='out_of_fold' needs cross-fitted targets (fit() computes "
+                raise DataError("gate: gate_target='out_of_fold' needs cross-fitted targets (fit() computes "
                                  "them); pass gate_target=... to loss() or use gate_target='in_sample'")
             target = extras["gate_target"].float()
         bce = F.binary_cross_entropy_with_logits(outputs["gate_logit"], target)

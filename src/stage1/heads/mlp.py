@@ -4,8 +4,6 @@ Its ``select`` score is the max softmax probability (the seeds' confidence).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -15,9 +13,7 @@ from .base import Head
 
 @HEADS.register("mlp")
 class MLPHead(Head):
-    """Plain classifier head on cached features."""
-
-    HPARAMS: dict[str, Any] = {}
+    """Plain classifier head on cached features (the common hyperparameters only)."""
 
     def build_layers(self, width: int) -> nn.ModuleDict:
         return nn.ModuleDict({"cls": nn.Linear(width, 2)})

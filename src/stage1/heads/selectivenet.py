@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Head
+from stage1._core.params import Param, Params
+
+from .base import COMMON_PARAMS, Head
 from .registry import HEADS
 
 
@@ -26,20 +28,14 @@ class SelectiveNetHead(Head):
     """f, g, h heads trained for a target coverage c."""
 
     HAS_SELECTOR = True
-    HPARAMS: dict[str, Any] = {
-        "coverage": 0.8,
-        "lam": 32.0,
-        "alpha": 0.5,
-        "divide_by_coverage": True,
-        "select_hidden": 64,
-    }
-
-    def __init__(self, **hparams: Any) -> None:
-        super().__init__(**hparams)
-        if not 0.0 < float(self.hparams["coverage"]) <= 1.0:
-            raise ValueError(f"selectivenet: coverage must be in (0, 1], got {self.hparams['coverage']}")
-        if not 0.0 <= float(self.hparams["alpha"]) <= 1.0:
-            raise ValueError(f"selectivenet: alpha must be in [0, 1], got {self.hparams['alpha']}")
+    PARAMS = COMMON_PARAMS + Params(
+        Param("coverage", float, 0.8, "Target coverage c of the selection head g.", low=0.0, high=1.0, low_open=True),
+        Param("lam", float, 32.0, "Weight of the coverage penalty max(0, c - phi)^2.", low=0.0),
+        Param("alpha", float, 0.5, "Weight of the selective loss; 1 - alpha goes to the auxiliary CE.",
+              low=0.0, high=1.0),
+        Param("divide_by_coverage", bool, True, "Selective risk among selected rows (divide by phi, as the paper)."),
+        Param("select_hidden", int, 64, "Width of the selection head's hidden layer (0 = linear).", low=0),
+    )
 
     def build_layers(self, width: int) -> nn.ModuleDict:
         sh = int(self.hparams["select_hidden"])

@@ -12,10 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from stage1._core.errors import ConfigError
 from stage1.policies.base import ExitPolicy, check_labels, check_scores
 from stage1.policies.metrics import selective_risks
+from stage1.policies.risks import all_risks
 
-RISK_KEYS = ("coverage", "selective_error", "fnr_exit", "miss_rate")
+
+def risk_keys() -> list[str]:
+    """What the audit measures per draw: coverage and every registered risk (``policies.risks``)."""
+    return ["coverage", *(r.name for r in all_risks())]
 
 
 def _take(scores: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -51,21 +56,22 @@ def audit(
     logits, _ = check_scores(scores, False)
     yy = check_labels(y, len(logits))
     if n_draws < 2:
-        raise ValueError("n_draws must be >= 2 to estimate a standard error")
+        raise ConfigError("n_draws must be >= 2 to estimate a standard error")
     n_calib = len(yy) // 2 if n_calib is None else int(n_calib)
     fixed_test = test_scores is not None
     if fixed_test:
         if test_y is None:
-            raise ValueError("test_scores needs test_y")
+            raise ConfigError("test_scores needs test_y")
         ty = check_labels(test_y, len(check_scores(test_scores, False)[0]))
     elif not 0 < n_calib < len(yy):
-        raise ValueError(f"n_calib must be in (0, {len(yy)}) when the rest is the test set")
+        raise ConfigError(f"n_calib must be in (0, {len(yy)}) when the rest is the test set")
     if fixed_test and not 0 < n_calib <= len(yy):
-        raise ValueError(f"n_calib must be in (0, {len(yy)}]")
+        raise ConfigError(f"n_calib must be in (0, {len(yy)}]")
     from stage1.policies import POLICIES
 
     rng = np.random.default_rng(seed)
-    per_draw: dict[str, list[float]] = {k: [] for k in RISK_KEYS}
+    keys = risk_keys()
+    per_draw: dict[str, list[float]] = {k: [] for k in keys}
     certified = []
     for _ in range(n_draws):
         perm = rng.permutation(len(yy))
@@ -75,7 +81,7 @@ def audit(
         ts, tyy = (test_scores, ty) if fixed_test else (_take(scores, rest), yy[rest])
         d = p.decide(ts)
         r = selective_risks(tyy, d.label.astype(np.int64), d.exit)
-        for k in RISK_KEYS:
+        for k in keys:
             per_draw[k].append(r[k])
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in per_draw.items()}
     out: dict[str, Any] = {

@@ -11,21 +11,48 @@ cannot tell the classes apart: flag for review) and UNCERTAIN otherwise.
 Certifying policies (crc, ltt) fit calibrators on a stratified ``calib_fraction`` of val_calib and
 certify thresholds on the rest, so the certificate does not reuse the calibrator's data; when they
 cannot certify anything they record why and ``decide`` defers every row.
+
+Parameters are declared once per policy (``PARAMS``: the policy's own, then ``BASE_PARAMS``); the
+constructor validates against it, ``params()`` reads it, and the CLI and sweep spaces derive from it.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import softmax
 
+from stage1._core.errors import ConfigError, DataError
 from stage1._core.io import json_safe
+from stage1._core.params import Param, Params
 from stage1.policies.calibrators import CALIBRATORS, Calibrator, calibrator_from_dict
 from stage1.policies.decision import AMBIGUOUS, CONFIDENT_0, CONFIDENT_1, SET_01, UNCERTAIN, Decision
 
 SCHEMA_VERSION = 1
 SCORES = ("p", "select")
+
+
+def _calibrator_names() -> list[str]:
+    return CALIBRATORS.names()
+
+
+#: parameters every policy has (scoring, calibration, the val_calib split, the ambiguous band).
+BASE_PARAMS = Params(
+    Param("calibrator", str, "temperature", "Calibrator of the logits into p = P(y=1) (None: plain softmax).",
+          choices=_calibrator_names, optional=True),
+    Param("calibrator_params", dict, {}, "Keyword arguments of the calibrator, e.g. {\"lam\": 1.0}.", optional=True),
+    Param("score", str, "p", "What is thresholded: 'p' (calibrated max probability) or 'select' (the head's selector).",
+          choices=SCORES),
+    Param("select_calibrator", str, None, "With score='select': calibrate the selector into P(correct) (platt, isotonic).",
+          choices=_calibrator_names, optional=True),
+    Param("calib_fraction", float, None, "Share of val_calib that fits the calibrators, the rest certifies "
+          "(None: 0.3 for certifying policies with a fitted calibrator, else 0).", low=0.0, high=1.0, high_open=True,
+          optional=True),
+    Param("seed", int, 0, "Seed of the stratified calibrator / certification split of val_calib.", low=0),
+    Param("ambiguous_band", float, 0.1, "Deferred rows with |p - 0.5| <= band are AMBIGUOUS (flag for review).",
+          low=0.0, high=0.5),
+)
 
 
 def _enc_threshold(t: float) -> float | str:
@@ -35,7 +62,7 @@ def _enc_threshold(t: float) -> float | str:
 def _dec_threshold(v: float | str) -> float:
     if isinstance(v, str):
         if v not in ("inf", "-inf"):
-            raise ValueError(f"threshold must be a number, 'inf' or '-inf', got {v!r}")
+            raise DataError(f"threshold must be a number, 'inf' or '-inf', got {v!r}")
         return math.inf if v == "inf" else -math.inf
     return float(v)
 
@@ -43,21 +70,21 @@ def _dec_threshold(v: float | str) -> float:
 def check_scores(scores: dict[str, np.ndarray], need_select: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Validated (logits [n, 2] float64, select [n] or None) from a scores dict."""
     if not isinstance(scores, dict) or "logits" not in scores:
-        raise ValueError("scores must be a dict with 'logits' [n, 2] (and 'select' [n] for score='select')")
+        raise DataError("scores must be a dict with 'logits' [n, 2] (and 'select' [n] for score='select')")
     logits = np.asarray(scores["logits"], dtype=np.float64)
     if logits.ndim != 2 or logits.shape[1] != 2:
-        raise ValueError(f"scores['logits'] must have shape [n, 2], got {logits.shape}")
+        raise DataError(f"scores['logits'] must have shape [n, 2], got {logits.shape}")
     if not np.all(np.isfinite(logits)):
-        raise ValueError("scores['logits'] contains NaN or infinite values")
+        raise DataError("scores['logits'] contains NaN or infinite values")
     select = None
     if need_select:
         if scores.get("select") is None:
-            raise ValueError("score='select' needs scores['select'] [n]; this head gave none (use score='p')")
+            raise DataError("score='select' needs scores['select'] [n]; this head gave none (use score='p')")
         select = np.asarray(scores["select"], dtype=np.float64)
         if select.shape != (len(logits),):
-            raise ValueError(f"scores['select'] must have shape ({len(logits)},), got {select.shape}")
+            raise DataError(f"scores['select'] must have shape ({len(logits)},), got {select.shape}")
         if not np.all(np.isfinite(select)):
-            raise ValueError("scores['select'] contains NaN or infinite values")
+            raise DataError("scores['select'] contains NaN or infinite values")
     return logits, select
 
 
@@ -65,9 +92,9 @@ def check_labels(y: np.ndarray, n: int) -> np.ndarray:
     """0/1 int64 labels of length n, or a clear error."""
     yy = np.asarray(y)
     if yy.shape != (n,):
-        raise ValueError(f"y must have shape ({n},) to match the scores, got {yy.shape}")
+        raise DataError(f"y must have shape ({n},) to match the scores, got {yy.shape}")
     if not np.isin(yy, (0, 1)).all():
-        raise ValueError("y must hold 0/1 labels (unlabelled rows, -1, cannot calibrate a policy)")
+        raise DataError("y must hold 0/1 labels (unlabelled rows, -1, cannot calibrate a policy)")
     return yy.astype(np.int64)
 
 
@@ -84,56 +111,41 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 class ExitPolicy:
-    """Base of all policies; subclasses set ``name``, ``guarantee`` and ``_fit_thresholds``."""
+    """Base of all policies; subclasses set ``name``, ``guarantee``, ``PARAMS`` and ``_fit_thresholds``.
+
+    ``__init__(**params)`` validates the given parameters against ``PARAMS`` (unknown names, types,
+    ranges: a ConfigError naming the parameter), stores each as an attribute and then runs
+    ``_check`` for rules that involve several parameters. ``calibrator="default"`` means the
+    declared default.
+    """
 
     name = "base"
     guarantee = "none"  # "none" | "crc" | "ltt"
-    default_calibrator: str | None = "temperature"
+    #: the declared parameters: the policy's own first, then BASE_PARAMS.
+    PARAMS: ClassVar[Params] = BASE_PARAMS
 
-    def __init__(
-        self,
-        *,
-        calibrator: str | None = "default",
-        calibrator_params: dict[str, Any] | None = None,
-        score: str = "p",
-        select_calibrator: str | None = None,
-        calib_fraction: float | None = None,
-        seed: int = 0,
-        ambiguous_band: float = 0.1,
-    ) -> None:
-        if calibrator == "default":
-            calibrator = self.default_calibrator
-        if calibrator is not None and calibrator not in CALIBRATORS:
-            raise ValueError(f"unknown calibrator {calibrator!r}; choose one of {CALIBRATORS.names()} or None")
-        if select_calibrator is not None and select_calibrator not in CALIBRATORS:
-            raise ValueError(
-                f"unknown select_calibrator {select_calibrator!r}; choose one of {CALIBRATORS.names()} or None"
-            )
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if select_calibrator is not None and score != "select":
-            raise ValueError("select_calibrator only applies with score='select'")
-        if calib_fraction is not None and not 0.0 <= calib_fraction < 1.0:
-            raise ValueError(f"calib_fraction must be in [0, 1), got {calib_fraction}")
-        if not 0.0 <= ambiguous_band <= 0.5:
-            raise ValueError(f"ambiguous_band must be in [0, 0.5], got {ambiguous_band}")
-        if calibrator_params is not None and not isinstance(calibrator_params, dict):
-            raise ValueError("calibrator_params must be a dict of keyword arguments or None")
-        self.calibrator = calibrator
-        self.calibrator_params = dict(calibrator_params or {})
-        if calibrator is not None:
+    def __init__(self, **params: Any) -> None:
+        decl = type(self).PARAMS
+        if params.get("calibrator") == "default":
+            params = {**params, "calibrator": decl["calibrator"].default}
+        values = decl.resolve(params, f"policy {self.name!r}")
+        values["calibrator_params"] = dict(values["calibrator_params"] or {})
+        for key, value in values.items():
+            setattr(self, key, value)
+        if self.select_calibrator is not None and self.score != "select":
+            raise ConfigError("select_calibrator only applies with score='select'")
+        if self.calibrator is not None:
             try:
-                CALIBRATORS.create(calibrator, **self.calibrator_params)  # validate params now
-            except TypeError as exc:
-                raise ValueError(
-                    f"calibrator_params {sorted(self.calibrator_params)} are not accepted by {calibrator!r}: {exc}"
+                CALIBRATORS.create(self.calibrator, **self.calibrator_params)  # validate params now
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"calibrator_params {sorted(self.calibrator_params)} are not accepted by {self.calibrator!r}: {exc}"
                 ) from None
-        self.score = score
-        self.select_calibrator = select_calibrator
-        self.calib_fraction = calib_fraction
-        self.seed = int(seed)
-        self.ambiguous_band = float(ambiguous_band)
+        self._check()
         self._reset()
+
+    def _check(self) -> None:
+        """Rules involving several parameters (each one alone is already checked); ConfigError."""
 
     def _reset(self) -> None:
         self.cal: Calibrator | None = None
@@ -148,21 +160,12 @@ class ExitPolicy:
 
     # parameters ----------------------------------------------------------------------------
     def _own_params(self) -> dict[str, Any]:
-        """Subclass constructor parameters."""
+        """Parameters a subclass keeps outside ``PARAMS`` (none for the declared policies)."""
         return {}
 
     def params(self) -> dict[str, Any]:
         """All constructor parameters; ``POLICIES.create(name, **params())`` rebuilds the policy."""
-        return {
-            **self._own_params(),
-            "calibrator": self.calibrator,
-            "calibrator_params": self.calibrator_params,
-            "score": self.score,
-            "select_calibrator": self.select_calibrator,
-            "calib_fraction": self.calib_fraction,
-            "seed": self.seed,
-            "ambiguous_band": self.ambiguous_band,
-        }
+        return {**self._own_params(), **{name: getattr(self, name) for name in type(self).PARAMS.names()}}
 
     # scoring -------------------------------------------------------------------------------
     def _p(self, logits: np.ndarray) -> np.ndarray:
@@ -188,13 +191,13 @@ class ExitPolicy:
         logits, select = check_scores(scores, self.score == "select")
         yy = check_labels(y, len(logits))
         if len(yy) == 0:
-            raise ValueError("cannot fit a policy on zero calibration rows")
+            raise DataError("cannot fit a policy on zero calibration rows")
         self._reset()
         frac = self._fraction()
         if frac > 0:
             fit_idx, cert_idx = stratified_split(yy, frac, self.seed)
             if len(fit_idx) == 0 or len(cert_idx) == 0:
-                raise ValueError(f"calib_fraction={frac} leaves an empty part of {len(yy)} rows")
+                raise DataError(f"calib_fraction={frac} leaves an empty part of {len(yy)} rows")
         else:
             fit_idx = cert_idx = np.arange(len(yy))
         if self.calibrator is not None:
@@ -268,7 +271,7 @@ class ExitPolicy:
         self._reset()
         cal, scal = state.get("calibrator"), state.get("select_calibrator")
         if (cal is None) != (self.calibrator is None):
-            raise ValueError("policy JSON: calibrator state does not match the calibrator parameter")
+            raise DataError("policy JSON: calibrator state does not match the calibrator parameter")
         self.cal = calibrator_from_dict(cal) if cal is not None else None
         self.select_cal = calibrator_from_dict(scal) if scal is not None else None
         self.t0 = _dec_threshold(state["t0"])

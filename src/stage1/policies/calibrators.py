@@ -17,6 +17,9 @@ Parametric calibrators are fitted by L-BFGS (scipy) on the mean NLL with analyti
 
 ODIR penalty (added to the mean NLL): ``lam / (k (k-1)) * sum_{i != j} W_ij^2 + mu / k * sum_j b_j^2``;
 the diagonal of W is not penalised.
+
+Each calibrator declares its parameters once (``PARAMS``, a ``stage1._core.params.Params`` table);
+the constructor validates given values against it and ``params()`` returns them.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 from scipy.special import log_softmax, softmax
 
+from stage1._core.errors import DataError
+from stage1._core.params import Param, Params
 from stage1._core.registry import Registry
 
 CALIBRATORS: Registry = Registry("calibrator")
@@ -40,20 +45,20 @@ def as_logits(x: np.ndarray) -> np.ndarray:
     if a.ndim == 1:
         a = np.stack([np.zeros_like(a), a], axis=1)
     if a.ndim != 2 or a.shape[1] < 2:
-        raise ValueError(f"calibrator input must be logits [n, k>=2] or a score [n]; got shape {a.shape}")
+        raise DataError(f"calibrator input must be logits [n, k>=2] or a score [n]; got shape {a.shape}")
     if not np.all(np.isfinite(a)):
-        raise ValueError("calibrator input contains NaN or infinite values")
+        raise DataError("calibrator input contains NaN or infinite values")
     return a
 
 
 def _targets(y: np.ndarray, n: int, k: int) -> np.ndarray:
     yy = np.asarray(y)
     if yy.ndim != 1 or len(yy) != n:
-        raise ValueError(f"y must be 1-D with {n} labels, got shape {yy.shape}")
+        raise DataError(f"y must be 1-D with {n} labels, got shape {yy.shape}")
     if not np.isin(yy, np.arange(k)).all():
-        raise ValueError(f"y must hold class indices 0..{k - 1}")
+        raise DataError(f"y must hold class indices 0..{k - 1}")
     if len(yy) == 0:
-        raise ValueError("cannot fit a calibrator on zero samples")
+        raise DataError("cannot fit a calibrator on zero samples")
     return yy.astype(np.int64)
 
 
@@ -93,12 +98,22 @@ def _lbfgs(fun, x0: np.ndarray, max_iter: int) -> np.ndarray:
     return res.x
 
 
+MAX_ITER_HELP = "L-BFGS iterations at most."
+
+
 class Calibrator:
-    """Base class: ``fit(x, y) -> self``, ``predict_proba(x) -> [n, k]``, ``p1(x)``, JSON state."""
+    """Base class: ``fit(x, y) -> self``, ``predict_proba(x) -> [n, k]``, ``p1(x)``, JSON state.
+
+    Subclasses declare ``PARAMS``; ``__init__(**params)`` checks given values against it (a
+    ConfigError naming the parameter and its valid range) and keeps them in ``self._params``.
+    """
 
     name = "base"
+    #: the declared parameters (name, type, default, range, help).
+    PARAMS: Params = Params()
 
-    def __init__(self) -> None:
+    def __init__(self, **params: Any) -> None:
+        self._params = type(self).PARAMS.resolve(params, f"calibrator {self.name!r}")
         self.fitted = False
 
     # subclass hooks -------------------------------------------------------------------------
@@ -109,8 +124,8 @@ class Calibrator:
         raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
-        """Constructor parameters (JSON-able)."""
-        return {}
+        """Constructor parameters (JSON-able); ``CALIBRATORS.create(name, **params())`` rebuilds it."""
+        return dict(self._params)
 
     def state(self) -> dict[str, Any]:
         """Fitted state (JSON-able)."""
@@ -151,14 +166,14 @@ def calibrator_from_dict(d: dict[str, Any]) -> Calibrator:
         cal = CALIBRATORS.create(d["name"], **d.get("params", {}))
         cal.load_state(d["state"])
     except KeyError as exc:
-        raise ValueError(f"calibrator JSON is missing {exc}; expected keys name, params, state") from None
+        raise DataError(f"calibrator JSON is missing {exc}; expected keys name, params, state") from None
     cal.fitted = True
     return cal
 
 
 def _require_binary(x: np.ndarray, name: str) -> None:
     if x.shape[1] != 2:
-        raise ValueError(f"{name} calibration is binary; got {x.shape[1]} classes (use dirichlet or matrix)")
+        raise DataError(f"{name} calibration is binary; got {x.shape[1]} classes (use dirichlet or matrix)")
 
 
 @CALIBRATORS.register("identity")
@@ -179,12 +194,11 @@ class Temperature(Calibrator):
     """softmax(x / T); log T fitted by L-BFGS (same optimum as scikit-learn's method='temperature')."""
 
     name = "temperature"
+    PARAMS = Params(Param("max_iter", int, 200, MAX_ITER_HELP, low=1))
 
-    def __init__(self, max_iter: int = 200) -> None:
-        super().__init__()
-        if max_iter < 1:
-            raise ValueError("max_iter must be >= 1")
-        self.max_iter = int(max_iter)
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.max_iter = self._params["max_iter"]
         self.temperature = 1.0
 
     def _fit(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -199,9 +213,6 @@ class Temperature(Calibrator):
     def _proba(self, x: np.ndarray) -> np.ndarray:
         return softmax(x / self.temperature, axis=1)
 
-    def params(self) -> dict[str, Any]:
-        return {"max_iter": self.max_iter}
-
     def state(self) -> dict[str, Any]:
         return {"temperature": self.temperature}
 
@@ -214,12 +225,11 @@ class Platt(Calibrator):
     """Binary logistic calibration sigmoid(a * margin + b) on the logit margin x1 - x0."""
 
     name = "platt"
+    PARAMS = Params(Param("max_iter", int, 200, MAX_ITER_HELP, low=1))
 
-    def __init__(self, max_iter: int = 200) -> None:
-        super().__init__()
-        if max_iter < 1:
-            raise ValueError("max_iter must be >= 1")
-        self.max_iter = int(max_iter)
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.max_iter = self._params["max_iter"]
         self.a, self.b = 1.0, 0.0
 
     def _fit(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -240,9 +250,6 @@ class Platt(Calibrator):
         z = self.a * (x[:, 1] - x[:, 0]) + self.b
         return softmax(np.stack([np.zeros_like(z), z], axis=1), axis=1)
 
-    def params(self) -> dict[str, Any]:
-        return {"max_iter": self.max_iter}
-
     def state(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b}
 
@@ -256,8 +263,8 @@ class Isotonic(Calibrator):
 
     name = "isotonic"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self.x_knots = np.zeros(0)
         self.y_knots = np.zeros(0)
 
@@ -286,15 +293,19 @@ class Isotonic(Calibrator):
 class _LinearODIR(Calibrator):
     """softmax(W f(x) + b) with the ODIR penalty; f is log-softmax (Dirichlet) or identity (matrix)."""
 
-    def __init__(self, lam: float = 0.0, mu: float | None = None, max_iter: int = 500) -> None:
-        super().__init__()
-        if lam < 0 or (mu is not None and mu < 0):
-            raise ValueError("ODIR penalties lam and mu must be >= 0")
-        if max_iter < 1:
-            raise ValueError("max_iter must be >= 1")
-        self.lam = float(lam)
-        self.mu = float(lam if mu is None else mu)
-        self.max_iter = int(max_iter)
+    PARAMS = Params(
+        Param("lam", float, 0.0, "ODIR penalty on the off-diagonal of W.", low=0.0,
+              note="the ODIR penalties lam and mu must be >= 0"),
+        Param("mu", float, None, "ODIR penalty on the bias b (None: the same as lam).", low=0.0, optional=True,
+              note="the ODIR penalties lam and mu must be >= 0"),
+        Param("max_iter", int, 500, MAX_ITER_HELP, low=1),
+    )
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.lam = self._params["lam"]
+        self.mu = self.lam if self._params["mu"] is None else self._params["mu"]
+        self.max_iter = self._params["max_iter"]
         self.W = np.eye(2)
         self.b = np.zeros(2)
 
@@ -327,11 +338,8 @@ class _LinearODIR(Calibrator):
     def _proba(self, x: np.ndarray) -> np.ndarray:
         f = self._features(x)
         if f.shape[1] != self.W.shape[0]:
-            raise ValueError(f"{self.name} was fitted on {self.W.shape[0]} classes, got {f.shape[1]}")
+            raise DataError(f"{self.name} was fitted on {self.W.shape[0]} classes, got {f.shape[1]}")
         return softmax(f @ self.W.T + self.b, axis=1)
-
-    def params(self) -> dict[str, Any]:
-        return {"lam": self.lam, "mu": self.mu, "max_iter": self.max_iter}
 
     def state(self) -> dict[str, Any]:
         return {"W": self.W.tolist(), "b": self.b.tolist()}

@@ -12,13 +12,16 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
+from stage1._core.errors import DataError
 from stage1.policies import metrics as M
 from stage1.policies.base import check_labels, check_scores
 from stage1.policies.decision import LEVELS, Decision
+from stage1.policies.risks import all_risks
 
-STABLE_KEYS = (
+#: DESIGN's stable keys, in the order metrics.csv lists them; the exit risks come from ``RISKS``.
+STABLE_KEYS: tuple[str, ...] = (
     "accuracy", "mcc", "nll", "brier", "ece", "ece_top_label", "aurc", "eaurc", "augrc", "eaugrc",
-    "coverage", "selective_error", "fnr_exit", "miss_rate", "defer_rate", "n",
+    "coverage", *(r.name for r in all_risks()), "defer_rate", "n",
 )
 
 
@@ -34,9 +37,9 @@ def evaluation_metrics(
     logits, _ = check_scores(scores, False)
     yy = check_labels(y, len(logits))
     if len(decision) != len(yy):
-        raise ValueError(f"decision has {len(decision)} rows, y has {len(yy)}")
+        raise DataError(f"decision has {len(decision)} rows, y has {len(yy)}")
     if len(yy) == 0:
-        raise ValueError("cannot evaluate zero rows")
+        raise DataError("cannot evaluate zero rows")
     p = decision.p_roadwork
     label = decision.label.astype(np.int64)
     errors = (label != yy).astype(np.float64)

@@ -3,8 +3,8 @@
 Hypotheses: for every pair (t0, t1) of a fixed grid (plus "never exit" = inf), H0: risk > alpha,
 where the risk is ``fnr_exit`` (default), ``selective_error`` or ``miss_rate``; with ``eps`` also
 H0': selective error > eps (the pair's p-value is the max of both, an intersection-union test).
-Each risk is a ratio of counts, so its p-value is a binomial tail given the number of trials
-(``policies.pvalues``); a pair with no trials (e.g. no exited positives) gets p = 1, i.e. it is
+Each risk (``policies.risks``) is a ratio of counts, so its p-value is a binomial tail given the
+number of trials (``policies.pvalues``); a pair with no trials (e.g. no exited positives) gets p = 1, i.e. it is
 never certified and never breaks the procedure.
 
 Family-wise error control at ``delta`` (each a valid FWER procedure for any data):
@@ -16,7 +16,8 @@ Family-wise error control at ``delta`` (each a valid FWER procedure for any data
   Robust when the risk is not monotone along t0 (selective error with ``eps``).
 - ``holm``: Holm's step-down Bonferroni over all pairs; ``bonferroni``: every pair at delta/#pairs.
 - ``auto`` (default): decided from the parameters alone, never from the data: ``fixed_sequence`` when
-  every certified risk is monotone along the lines (fnr_exit or miss_rate, no eps), else ``holm``.
+  every certified risk is monotone along the lines (``Risk.monotone``: fnr_exit or miss_rate, no
+  eps), else ``holm``.
 The certified pair of maximum calibration coverage is returned (ties: lower empirical risk, then
 stricter thresholds), so P(risk > alpha) <= delta over the draw of the certification data.
 """
@@ -27,13 +28,29 @@ from typing import Any
 
 import numpy as np
 
+from stage1._core.errors import ConfigError
+from stage1._core.params import Param, Params
 from stage1.policies import POLICIES
-from stage1.policies.base import ExitPolicy
+from stage1.policies.base import BASE_PARAMS, ExitPolicy
 from stage1.policies.pvalues import PVALUES, binomial_pvalue, trials_needed
+from stage1.policies.risks import RISKS, Risk, get_risk
 
-RISKS = ("fnr_exit", "selective_error", "miss_rate")
 MULTIPLE_TESTING = ("auto", "fixed_sequence", "fallback", "holm", "bonferroni")
-MONOTONE_RISKS = ("fnr_exit", "miss_rate")  # non-decreasing in expectation as t0 loosens
+
+
+def _grid(value: Any) -> list[float] | int:
+    """The ``grid`` parameter: an int >= 2 (even steps) or a non-empty list of finite thresholds."""
+    if isinstance(value, int):
+        if value < 2:
+            raise ValueError("an int >= 2, a list of thresholds or None")
+        return value
+    try:
+        g = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("a non-empty list of finite thresholds") from None
+    if g.ndim != 1 or len(g) == 0 or not np.all(np.isfinite(g)):
+        raise ValueError("a non-empty list of finite thresholds")
+    return [float(v) for v in np.unique(g)]
 
 
 def default_grid(lo: float) -> np.ndarray:
@@ -57,48 +74,29 @@ class LTTPolicy(ExitPolicy):
 
     name = "ltt"
     guarantee = "ltt"
+    PARAMS = Params(
+        Param("alpha", float, 0.02, "Risk level: certify P(risk > alpha) <= delta.", low=0.0, high=1.0,
+              low_open=True, high_open=True),
+        Param("delta", float, 0.1, "Allowed probability that the risk exceeds alpha.", low=0.0, high=1.0,
+              low_open=True, high_open=True),
+        Param("risk", str, "fnr_exit", "The certified risk (policies.risks).", choices=RISKS.names),
+        Param("eps", float, None, "Also bound the selective error by eps (same delta).", low=0.0, high=1.0,
+              low_open=True, high_open=True, optional=True),
+        Param("pvalue", str, "clopper_pearson", "Binomial-tail p-value.", choices=PVALUES),
+        Param("multiple_testing", str, "auto", "Family-wise error procedure (auto: from the parameters).",
+              choices=MULTIPLE_TESTING),
+        Param("grid", list, None, "Thresholds tested: None (default grid), an int (even steps) or a list.",
+              also=(int,), optional=True, check=_grid),
+    ) + BASE_PARAMS
 
-    def __init__(
-        self,
-        alpha: float = 0.02,
-        delta: float = 0.1,
-        risk: str = "fnr_exit",
-        eps: float | None = None,
-        pvalue: str = "clopper_pearson",
-        multiple_testing: str = "auto",
-        grid: list[float] | int | None = None,
-        **base: Any,
-    ) -> None:
-        super().__init__(**base)
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        if not 0.0 < delta < 1.0:
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
-        if risk not in RISKS:
-            raise ValueError(f"risk must be one of {RISKS}, got {risk!r}")
-        if eps is not None and not 0.0 < eps < 1.0:
-            raise ValueError(f"eps must be in (0, 1) or None, got {eps}")
-        if eps is not None and risk == "selective_error":
-            raise ValueError("eps bounds the selective error, which is already the primary risk; drop eps")
-        if pvalue not in PVALUES:
-            raise ValueError(f"pvalue must be one of {PVALUES}, got {pvalue!r}")
-        if multiple_testing not in MULTIPLE_TESTING:
-            raise ValueError(f"multiple_testing must be one of {MULTIPLE_TESTING}, got {multiple_testing!r}")
-        if isinstance(grid, bool) or (isinstance(grid, int) and grid < 2):
-            raise ValueError(f"grid must be an int >= 2, a list of thresholds or None, got {grid!r}")
-        if grid is not None and not isinstance(grid, int):
-            g = np.asarray(grid, dtype=np.float64)
-            if g.ndim != 1 or len(g) == 0 or not np.all(np.isfinite(g)):
-                raise ValueError("grid must be a non-empty list of finite thresholds")
-            grid = [float(v) for v in np.unique(g)]
-        self.alpha, self.delta, self.risk, self.eps = float(alpha), float(delta), risk, eps
-        self.pvalue, self.multiple_testing, self.grid = pvalue, multiple_testing, grid
+    def _check(self) -> None:
+        if self.eps is not None and self.risk == "selective_error":
+            raise ConfigError("eps bounds the selective error, which is already the primary risk; drop eps")
 
-    def _own_params(self) -> dict[str, Any]:
-        return {
-            "alpha": self.alpha, "delta": self.delta, "risk": self.risk, "eps": self.eps,
-            "pvalue": self.pvalue, "multiple_testing": self.multiple_testing, "grid": self.grid,
-        }
+    @property
+    def risk_def(self) -> Risk:
+        """The certified risk as an object (``policies.risks``)."""
+        return get_risk(self.risk)
 
     def thresholds(self) -> np.ndarray:
         """The tested thresholds, strict to lenient: inf (never exit) first, then the grid descending."""
@@ -119,13 +117,10 @@ class LTTPolicy(ExitPolicy):
         miss, ok0, hit, fa = miss[:, None], ok0[:, None], hit[None, :], fa[None, :]
         exits = miss + ok0 + hit + fa
         wrong = miss + fa
-        n_pos = int(y.sum())
-        trials = {
-            "fnr_exit": (miss + hit, miss + 0 * hit),
-            "selective_error": (exits, wrong),
-            "miss_rate": (np.full(exits.shape, n_pos), miss + 0 * hit),
-        }
-        n_t, k_t = trials[self.risk]
+        # (y, pred) cells: exited counts per pair, and all certification rows
+        exited = {(1, 0): miss, (0, 0): ok0, (1, 1): hit, (0, 1): fa}
+        total = {(yc, pc): int(np.sum((y == yc) & (yhat == pc))) for yc, pc in exited}
+        k_t, n_t = (np.broadcast_to(a, exits.shape) for a in self.risk_def.from_cells(exited, total))
         p = binomial_pvalue(k_t, n_t, self.alpha, self.pvalue)
         table = {"thresholds": t, "exits": exits, "trials": n_t, "events": k_t, "p_primary": p}
         if self.eps is not None:
@@ -140,7 +135,7 @@ class LTTPolicy(ExitPolicy):
         """The multiple-testing procedure in force (``auto`` resolved from the parameters)."""
         if self.multiple_testing != "auto":
             return self.multiple_testing
-        return "fixed_sequence" if self.risk in MONOTONE_RISKS and self.eps is None else "holm"
+        return "fixed_sequence" if self.risk_def.monotone and self.eps is None else "holm"
 
     def _valid(self, p: np.ndarray) -> tuple[np.ndarray, float]:
         """Rejected hypotheses (certified pairs) and the smallest per-test level, under FWER <= delta."""
@@ -173,7 +168,7 @@ class LTTPolicy(ExitPolicy):
 
     def _fit_thresholds(self, s: np.ndarray, yhat: np.ndarray, y: np.ndarray) -> None:
         if self.score == "select" and (s.min() < 0.0 or s.max() > 1.0) and self.grid is None:
-            raise ValueError(
+            raise ConfigError(
                 "ltt's default grid is on [0, 1]; this selector is outside it. Use "
                 "select_calibrator='platt' or 'isotonic', or pass an explicit grid"
             )
@@ -230,7 +225,8 @@ class LTTPolicy(ExitPolicy):
         if n_pos == 0 or not ok.any():
             return None
         # primary risk: trials scale with the positives (fnr_exit, miss_rate) or with n (selective_error)
-        frac = tab["trials"] / (n_pos if self.risk != "selective_error" else n)
+        per_positive = self.risk_def.positives_only
+        frac = tab["trials"] / (n_pos if per_positive else n)
         need = np.full(risk_hat.shape, np.inf)
         cand = ok & (frac > 0) & (np.nan_to_num(risk_hat, nan=1.0) < self.alpha)
         if self.eps is not None:
@@ -240,7 +236,7 @@ class LTTPolicy(ExitPolicy):
             return None
         trials = trials_needed(risk_hat[cand], self.alpha, level, self.pvalue)
         pos = trials / frac[cand]
-        if self.risk == "selective_error":
+        if not per_positive:
             pos = pos * n_pos / n
         if self.eps is not None:
             sel_frac = tab["exits"][cand] / n

@@ -9,13 +9,17 @@ falls in the last bin); the top-label ECE is reported separately and named so.
 Conventions: ``y`` are 0/1 labels, ``p1`` the probability of class 1, ``label`` a predicted class,
 ``exit`` a boolean "answer now" mask, ``confidence`` higher = more confident, ``errors`` the
 per-sample residual (1 = wrong, 0 = right; fractional residuals are allowed for the AUC family).
-Ratios with an empty denominator (e.g. selective error when nothing exits) are ``nan``.
+Ratios with an empty denominator (e.g. selective error when nothing exits) are ``nan``. The exit
+risks (selective_error, fnr_exit, miss_rate) are defined once, in ``policies.risks``.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from stage1._core.errors import ConfigError, DataError
+from stage1.policies.risks import all_risks, get_risk
 
 EPS = float(np.finfo(np.float64).eps)
 N_BINS = 15
@@ -32,24 +36,24 @@ __all__ = [
 def _vec(x: np.ndarray, name: str, dtype: type = np.float64) -> np.ndarray:
     a = np.asarray(x, dtype=dtype)
     if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+        raise DataError(f"{name} must be 1-D, got shape {a.shape}")
     return a
 
 
 def _labels(y: np.ndarray, name: str = "y") -> np.ndarray:
     a = np.asarray(y)
     if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+        raise DataError(f"{name} must be 1-D, got shape {a.shape}")
     bad = ~np.isin(a, (0, 1))
     if bad.any():
-        raise ValueError(f"{name} must hold 0/1 labels; found {a[bad][:3].tolist()}")
+        raise DataError(f"{name} must hold 0/1 labels; found {a[bad][:3].tolist()}")
     return a.astype(np.int64)
 
 
 def _same_len(*arrays: np.ndarray) -> None:
     lens = {len(a) for a in arrays}
     if len(lens) > 1:
-        raise ValueError(f"arrays have different lengths: {sorted(lens)}")
+        raise DataError(f"arrays have different lengths: {sorted(lens)}")
 
 
 def _ratio(num: float, den: float) -> float:
@@ -59,7 +63,7 @@ def _ratio(num: float, den: float) -> float:
 def _proba(p1: np.ndarray) -> np.ndarray:
     p = _vec(p1, "p1")
     if np.any((p < 0) | (p > 1)) or np.any(np.isnan(p)):
-        raise ValueError("p1 must be probabilities in [0, 1]")
+        raise DataError("p1 must be probabilities in [0, 1]")
     return p
 
 
@@ -131,7 +135,7 @@ def classwise_ece(y: np.ndarray, proba: np.ndarray, n_bins: int = N_BINS) -> flo
     if pr.ndim == 1:
         pr = np.stack([1.0 - pr, pr], axis=1)
     if pr.ndim != 2 or len(pr) != len(yy):
-        raise ValueError("proba must be [n, k] (or p1 [n]) with one row per label")
+        raise DataError("proba must be [n, k] (or p1 [n]) with one row per label")
     return float(np.mean([_binned_gap(pr[:, c], yy == c, n_bins) for c in range(pr.shape[1])]))
 
 
@@ -148,12 +152,12 @@ def risk_coverage_curve(
     conf, err = _vec(confidence, "confidence"), _vec(errors, "errors")
     _same_len(conf, err)
     if kind not in ("selective", "generalized"):
-        raise ValueError(f"kind must be 'selective' or 'generalized', got {kind!r}")
+        raise ConfigError(f"kind must be 'selective' or 'generalized', got {kind!r}")
     n = len(conf)
     if n == 0:
-        raise ValueError("risk-coverage curve needs at least one sample")
+        raise DataError("risk-coverage curve needs at least one sample")
     if np.isnan(conf).any() or np.isnan(err).any():
-        raise ValueError("confidence and errors must not contain NaN")
+        raise DataError("confidence and errors must not contain NaN")
     order = np.argsort(-conf, kind="stable")  # descending confidence
     c, e = conf[order], err[order]
     last = np.r_[np.nonzero(c[1:] != c[:-1])[0], n - 1]  # last index of each tie group
@@ -216,7 +220,7 @@ def eaugrc(confidence: np.ndarray, errors: np.ndarray) -> float:
 def risk_at_coverage(confidence: np.ndarray, errors: np.ndarray, target: float) -> float:
     """Selective risk of the RC point with the smallest coverage >= ``target`` (ties grouped)."""
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"target coverage must be in (0, 1], got {target}")
+        raise ConfigError(f"target coverage must be in (0, 1], got {target}")
     cov, risk, _ = risk_coverage_curve(confidence, errors, "selective")
     ok = cov[:-1] >= target - 1e-12
     return float(risk[:-1][ok][-1])
@@ -225,7 +229,7 @@ def risk_at_coverage(confidence: np.ndarray, errors: np.ndarray, target: float) 
 def coverage_at_risk(confidence: np.ndarray, errors: np.ndarray, target: float) -> float:
     """Largest coverage among RC points whose selective risk is <= ``target`` (0 if none)."""
     if not 0.0 <= target <= 1.0:
-        raise ValueError(f"target risk must be in [0, 1], got {target}")
+        raise ConfigError(f"target risk must be in [0, 1], got {target}")
     cov, risk, _ = risk_coverage_curve(confidence, errors, "selective")
     ok = risk[:-1] <= target + 1e-12
     return float(cov[:-1][ok].max()) if ok.any() else 0.0
@@ -236,7 +240,7 @@ def _exit_inputs(y: np.ndarray, label: np.ndarray, exit: np.ndarray) -> tuple:
     yy, lab = _labels(y), _labels(label, "label")
     ex = np.asarray(exit)
     if ex.ndim != 1 or ex.dtype != bool:
-        raise ValueError("exit must be a 1-D boolean mask")
+        raise DataError("exit must be a 1-D boolean mask")
     _same_len(yy, lab, ex)
     return yy, lab, ex
 
@@ -254,39 +258,35 @@ def defer_rate(exit: np.ndarray) -> float:
 
 
 def selective_error(y: np.ndarray, label: np.ndarray, exit: np.ndarray) -> float:
-    """#(exit and wrong) / #exit."""
-    yy, lab, ex = _exit_inputs(y, label, exit)
-    return _ratio(np.sum(ex & (lab != yy)), ex.sum())
+    """#(exit and wrong) / #exit (the ``selective_error`` risk)."""
+    return get_risk("selective_error").value(*_exit_inputs(y, label, exit))
 
 
 def fnr_exit(y: np.ndarray, label: np.ndarray, exit: np.ndarray) -> float:
-    """#(exit and y=1 and pred=0) / #(exit and y=1)."""
-    yy, lab, ex = _exit_inputs(y, label, exit)
-    return _ratio(np.sum(ex & (yy == 1) & (lab == 0)), np.sum(ex & (yy == 1)))
+    """#(exit and y=1 and pred=0) / #(exit and y=1) (the ``fnr_exit`` risk)."""
+    return get_risk("fnr_exit").value(*_exit_inputs(y, label, exit))
 
 
 def miss_rate(y: np.ndarray, label: np.ndarray, exit: np.ndarray) -> float:
-    """#(exit and y=1 and pred=0) / #(y=1)."""
-    yy, lab, ex = _exit_inputs(y, label, exit)
-    return _ratio(np.sum(ex & (yy == 1) & (lab == 0)), np.sum(yy == 1))
+    """#(exit and y=1 and pred=0) / #(y=1) (the ``miss_rate`` risk)."""
+    return get_risk("miss_rate").value(*_exit_inputs(y, label, exit))
 
 
 def mean_set_size(pred_set: np.ndarray) -> float:
     """Mean prediction-set size with the encoding 0 = {0}, 1 = {1}, 2 = {0, 1}."""
     ps = np.asarray(pred_set)
     if ps.ndim != 1 or not np.isin(ps, (0, 1, 2)).all():
-        raise ValueError("pred_set must be 1-D with codes 0 = {0}, 1 = {1}, 2 = {0,1}")
+        raise DataError("pred_set must be 1-D with codes 0 = {0}, 1 = {1}, 2 = {0,1}")
     return _ratio(np.sum(np.where(ps == 2, 2, 1)), len(ps))
 
 
 def selective_risks(y: np.ndarray, label: np.ndarray, exit: np.ndarray) -> dict[str, float]:
-    """All exit risks at once, with DESIGN's stable names, plus the counts behind them."""
+    """Coverage, every registered risk (``policies.risks``) and the defer rate, with DESIGN's stable
+    names, plus the counts behind them."""
     yy, lab, ex = _exit_inputs(y, label, exit)
     return {
         "coverage": coverage(ex),
-        "selective_error": selective_error(yy, lab, ex),
-        "fnr_exit": fnr_exit(yy, lab, ex),
-        "miss_rate": miss_rate(yy, lab, ex),
+        **{r.name: r.value(yy, lab, ex) for r in all_risks()},
         "defer_rate": defer_rate(ex),
         "n_exit": int(ex.sum()),
         "n_exit_pos": int(np.sum(ex & (yy == 1))),

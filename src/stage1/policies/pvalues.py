@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import binom
 
+from stage1._core.errors import ConfigError
+
 PVALUES = ("clopper_pearson", "hoeffding_bentkus")
 
 
@@ -26,9 +28,9 @@ def _h1(r: np.ndarray, a: float) -> np.ndarray:
 def binomial_pvalue(k: np.ndarray, n: np.ndarray, alpha: float, method: str = "clopper_pearson") -> np.ndarray:
     """p-values for H0: risk > alpha given ``k`` events in ``n`` trials (arrays broadcast)."""
     if method not in PVALUES:
-        raise ValueError(f"pvalue must be one of {PVALUES}, got {method!r}")
+        raise ConfigError(f"pvalue must be one of {PVALUES}, got {method!r}")
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
     k = np.asarray(k, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
     k, n = np.broadcast_arrays(k, n)

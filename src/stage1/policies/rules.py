@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
+from stage1._core.errors import ConfigError
+from stage1._core.params import Param, Params
 from stage1.policies import POLICIES
-from stage1.policies.base import ExitPolicy
+from stage1.policies.base import BASE_PARAMS, ExitPolicy
+from stage1.policies.risks import RISKS, get_risk
+
+
+def crc_risks() -> list[str]:
+    """Risks CRC can control: a fixed population of counted rows and a loss that only grows as the
+    exit threshold loosens (``Risk.fixed_denominator`` and ``Risk.monotone``): the miss rate."""
+    return [n for n in RISKS.names() if get_risk(n).fixed_denominator and get_risk(n).monotone]
 
 
 @POLICIES.register("threshold")
@@ -18,18 +26,13 @@ class ThresholdPolicy(ExitPolicy):
     """
 
     name = "threshold"
-    default_calibrator = None
+    PARAMS = Params(
+        Param("threshold", float, 0.88, "Exit when the confidence reaches it (seeds: 0.88); in [0, 1] for score='p'."),
+    ) + BASE_PARAMS.with_defaults(calibrator=None)
 
-    def __init__(self, threshold: float = 0.88, **base: Any) -> None:
-        super().__init__(**base)
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold}")
-        if self.score == "p" and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold on the calibrated probability must be in [0, 1], got {threshold}")
-        self.threshold = float(threshold)
-
-    def _own_params(self) -> dict[str, Any]:
-        return {"threshold": self.threshold}
+    def _check(self) -> None:
+        if self.score == "p" and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold on the calibrated probability must be in [0, 1], got {self.threshold}")
 
     def _fit_thresholds(self, s: np.ndarray, yhat: np.ndarray, y: np.ndarray) -> None:
         self.t0 = self.t1 = self.threshold
@@ -41,15 +44,9 @@ class CoveragePolicy(ExitPolicy):
     """Selector threshold that exits at least ``target_coverage`` of val_calib (no risk guarantee)."""
 
     name = "coverage"
-
-    def __init__(self, target_coverage: float = 0.8, **base: Any) -> None:
-        super().__init__(**base)
-        if not 0.0 < target_coverage <= 1.0:
-            raise ValueError(f"target_coverage must be in (0, 1], got {target_coverage}")
-        self.target_coverage = float(target_coverage)
-
-    def _own_params(self) -> dict[str, Any]:
-        return {"target_coverage": self.target_coverage}
+    PARAMS = Params(
+        Param("target_coverage", float, 0.8, "Share of val_calib to exit.", low=0.0, high=1.0, low_open=True),
+    ) + BASE_PARAMS
 
     def _fit_thresholds(self, s: np.ndarray, yhat: np.ndarray, y: np.ndarray) -> None:
         desc = np.sort(s)[::-1]
@@ -73,29 +70,19 @@ class CRCPolicy(ExitPolicy):
 
     name = "crc"
     guarantee = "crc"
-
-    def __init__(
-        self, alpha: float = 0.02, risk: str = "miss_rate", exit1_threshold: float | None = None, **base: Any
-    ) -> None:
-        super().__init__(**base)
-        if risk != "miss_rate":
-            raise ValueError(
-                f"crc controls the expected miss rate (risk='miss_rate'); got {risk!r}. "
-                "Use the ltt policy for fnr_exit or selective_error (PAC guarantees)."
-            )
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        if exit1_threshold is not None and not math.isfinite(exit1_threshold):
-            raise ValueError("exit1_threshold must be a finite number or None")
-        self.alpha = float(alpha)
-        self.risk = risk
-        self.exit1_threshold = None if exit1_threshold is None else float(exit1_threshold)
-
-    def _own_params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "risk": self.risk, "exit1_threshold": self.exit1_threshold}
+    PARAMS = Params(
+        Param("alpha", float, 0.02, "Bound on the expected risk, e.g. 0.02.", low=0.0, high=1.0, low_open=True,
+              high_open=True),
+        Param("risk", str, "miss_rate", "The controlled risk (policies.risks).", choices=crc_risks,
+              note="crc controls an expected risk over a fixed population, i.e. the miss rate; use the ltt "
+                   "policy for fnr_exit or selective_error (PAC guarantees)"),
+        Param("exit1_threshold", float, None, "Fixed exit-as-1 threshold (None: the CRC threshold).", optional=True),
+    ) + BASE_PARAMS
 
     def _fit_thresholds(self, s: np.ndarray, yhat: np.ndarray, y: np.ndarray) -> None:
-        n = int(y.sum())
+        risk = get_risk(self.risk)
+        counted = np.asarray(risk.counted(y, yhat, True), dtype=bool)  # the fixed population
+        n = int(counted.sum())
         k_max = math.floor(self.alpha * (n + 1) - 1 + 1e-9)  # allowed misses among n positives
         if k_max < 0:
             self.n_needed = math.ceil(1.0 / self.alpha - 1.0 - 1e-9)
@@ -104,7 +91,7 @@ class CRCPolicy(ExitPolicy):
                 f"positives, val_calib has {n}; every image is deferred"
             )
             return
-        misses = np.sort(s[(y == 1) & (yhat == 0)])[::-1]
+        misses = np.sort(s[counted & np.asarray(risk.wrong(y, yhat), dtype=bool)])[::-1]  # loss 1 if exited
         lam = -math.inf if k_max >= len(misses) else float(misses[k_max])
         self.t0 = float(np.nextafter(lam, math.inf)) if math.isfinite(lam) else -math.inf
         self.t1 = self.t0 if self.exit1_threshold is None else self.exit1_threshold

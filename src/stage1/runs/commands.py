@@ -1,17 +1,24 @@
-"""Click commands of the heads package: train, calibrate, evaluate.
+"""Click commands of the runs package: train, calibrate, evaluate.
 
 Only click and the stdlib load at import time (``stage1 --help`` must not import torch); numpy,
-torch, the store and the policies load inside each command.
+torch, the store and the policies load inside each command. Option types, choices and help come
+from the parts' declared parameters (``Head.PARAMS``, ``ExitPolicy.PARAMS``), looked up only when
+an option is parsed or its help is shown (``stage1.cli.params``). Errors are not caught here: the
+parts raise ``ConfigError`` / ``UnknownNameError`` (exit 2) or ``DataError`` (exit 1), and
+``stage1.cli.errors.command`` prints them as one line.
 """
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import click
 
 from stage1._core.constants import SPLIT_NAMES
+from stage1._core.errors import ConfigError
+from stage1.cli.errors import command
+from stage1.cli.params import Found, declared_help, declared_option, lazy_help_option
 
 
 def parse_params(items: tuple[str, ...], option: str) -> dict[str, Any]:
@@ -29,69 +36,90 @@ def parse_params(items: tuple[str, ...], option: str) -> dict[str, Any]:
     return out
 
 
-def coerce_hparams(given: dict[str, Any], defaults: dict[str, Any], head: str) -> dict[str, Any]:
-    """Check names against the head's hyperparameters and cast values to the defaults' types."""
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise click.UsageError(
-            f"head {head!r} has no hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(defaults))}"
-        )
-    out: dict[str, Any] = {}
-    for key, val in given.items():
-        ref = defaults[key]
-        try:
-            if isinstance(ref, bool):
-                if isinstance(val, str):
-                    if val.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError(val)
-                    val = val.lower() in ("true", "1", "yes")
-                out[key] = bool(val)
-            elif isinstance(ref, int):
-                if float(val) != int(float(val)):
-                    raise ValueError(val)
-                out[key] = int(float(val))
-            elif isinstance(ref, float):
-                out[key] = float(val)
-            else:
-                out[key] = val
-        except (TypeError, ValueError):
-            raise click.UsageError(f"hyperparameter {key}={val!r}: expected {type(ref).__name__}") from None
-    return out
+def head_hparams(head: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` checked against head ``head``'s declared hyperparameters and converted to their types.
+
+    UnknownNameError for an unknown head, ConfigError naming an unknown or out-of-range hyperparameter.
+    """
+    from stage1.heads import HEADS
+
+    return HEADS.get(head).PARAMS.coerce(given, f"head {head!r}", "hyperparameter")
 
 
-TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
-    ("--epochs", int, "Maximum epochs."),
-    ("--batch-size", int, "Rows per step."),
-    ("--lr", float, "AdamW peak learning rate (linear warmup, cosine decay)."),
-    ("--weight-decay", float, "AdamW weight decay."),
-    ("--hidden", int, "Trunk width."),
-    ("--depth", int, "Trunk layers (Linear-ReLU-Dropout)."),
-    ("--dropout", float, "Trunk dropout."),
-    ("--label-smoothing", float, "Cross-entropy label smoothing."),
-    ("--class-weights", str, "'balanced', 'none' or 'w0,w1'."),
-    ("--ema-decay", float, "EMA of the weights (0 = off); the EMA copy is evaluated and kept."),
-    ("--grad-clip", float, "Clip the gradient norm (0 = off)."),
-    ("--fsam-rho", float, "F-SAM perturbation radius (with --fsam)."),
-    ("--patience", int, "Early stopping: epochs without improvement on val_select."),
-    ("--select-metric", str, "Early-stopping objective on val_select: augrc, aurc or coverage_at_risk."),
-    ("--view-mode", str, "'sample' (one random cached view per row and epoch) or 'all'."),
-    ("--seed", int, "Seed (same seed and data -> identical weights)."),
-    ("--threads", int, "Torch threads while training (0 = torch's setting)."),
-]
+def coerce_hparams(given: dict[str, Any], defaults: dict[str, Any] | None = None, head: str = "mlp") -> dict[str, Any]:
+    """Compatibility name of ``head_hparams(head, given)`` (``defaults`` is no longer needed)."""
+    return head_hparams(head, given)
+
+
+# -- option declarations --------------------------------------------------------------------------------
+#: head hyperparameters with an option of their own in ``train`` (the rest go through --param).
+TRAIN_OPTIONS: tuple[str, ...] = (
+    "epochs", "batch_size", "lr", "weight_decay", "hidden", "depth", "dropout", "label_smoothing",
+    "class_weights", "ema_decay", "grad_clip", "fsam_rho", "patience", "select_metric", "view_mode",
+    "seed", "threads",
+)
+
+
+def _common_head_param(name: str) -> Callable[[], Found]:
+    def find() -> Found:
+        from stage1.heads.base import COMMON_PARAMS
+
+        return [("", COMMON_PARAMS[name])]
+
+    return find
+
+
+def _policy_param(name: str) -> Callable[[], Found]:
+    def find() -> Found:
+        from stage1.policies import POLICIES
+
+        return [(pol, POLICIES.get(pol).PARAMS[name]) for pol in POLICIES.names() if name in POLICIES.get(pol).PARAMS]
+
+    return find
+
+
+def _policy_names() -> Sequence[str]:
+    from stage1.policies import POLICIES
+
+    return POLICIES.names()
+
+
+def _names_help(what: str, registry: str) -> Callable[[], str]:
+    def help_fn() -> str:
+        if registry == "heads":
+            from stage1.heads import HEADS as reg
+        else:
+            from stage1.policies import POLICIES as reg
+        names = reg.names()
+        return f"{what}: {', '.join(names[:-1])} or {names[-1]}."
+
+    return help_fn
+
+
+def _common_help(name: str) -> str:
+    """Help of a common head hyperparameter (for an option declared by hand, e.g. a flag)."""
+    return declared_help(_common_head_param(name)())
 
 
 def _train_options(fn: Any) -> Any:
-    for flag, typ, help_text in reversed(TRAIN_OPTIONS):
-        fn = click.option(flag, type=typ, default=None, help=help_text + " [default: the head's]")(fn)
+    for name in reversed(TRAIN_OPTIONS):
+        fn = declared_option(f"--{name.replace('_', '-')}", find=_common_head_param(name), default=None,
+                             extra_help="[default: the head's]")(fn)
     return fn
 
 
-@click.command()
+def _calibrate_option(flag: str, name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return declared_option(flag, name, find=_policy_param(name), owners=_policy_names, default=None, **kwargs)
+
+
+# -- commands -------------------------------------------------------------------------------------------
+@command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("--head", "head_name", required=True, help="Head name: mlp, gate, selectivenet or crc.")
+@lazy_help_option("--head", "head_name", required=True, help_fn=_names_help("Head name", "heads"))
 @click.option("--out", "run", required=True, type=click.Path(file_okay=False), help="Run folder to create (refused if it holds a config.json).")
 @_train_options
-@click.option("--fsam/--no-fsam", default=None, help="Friendly-SAM two-step updates around AdamW. [default: off]")
+@lazy_help_option("--fsam/--no-fsam", default=None,
+                  help_fn=lambda: _common_help("fsam") + " [default: off]")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Any other hyperparameter, e.g. gate_target=out_of_fold, folds=5, coverage=0.8, "
                    "lambda_crc=1.0 (repeatable).")
@@ -103,40 +131,30 @@ def train(store: str, head_name: str, run: str, params: tuple[str, ...], quiet: 
     on val_select, then writes config.json, splits.json, head.safetensors / head.json and
     scores.safetensors (logits, select, y, rows of every split, view 0).
     """
-    from stage1.heads import HEADS
-    from stage1.runs.layout import RunDirError
     from stage1.runs.steps import train_run
 
     given = {k: v for k, v in opts.items() if v is not None}
     given.update(parse_params(params, "--param"))
-    try:
-        defaults = HEADS.get(head_name).default_hparams()
-    except KeyError as exc:
-        raise click.UsageError(str(exc).strip('"')) from None
-    hparams = coerce_hparams(given, defaults, head_name)
-    try:
-        summary = train_run(store, head_name, run, hparams, progress=not quiet, argv=sys.argv)
-    except (RunDirError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except (KeyError, ValueError) as exc:
-        raise click.UsageError(str(exc).strip('"')) from None
+    hparams = head_hparams(head_name, given)
+    summary = train_run(store, head_name, run, hparams, progress=not quiet, argv=sys.argv)
     click.echo(json.dumps(summary, indent=2, sort_keys=True))
 
 
-@click.command()
+@command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--policy", "policy_name", required=True, help="Exit policy: threshold, coverage, crc or ltt.")
-@click.option("--risk", default=None, help="Controlled risk: fnr_exit, selective_error or miss_rate (crc: miss_rate).")
-@click.option("--alpha", type=float, default=None, help="Risk level, e.g. 0.02.")
-@click.option("--delta", type=float, default=None, help="ltt: allowed probability that the risk exceeds alpha.")
-@click.option("--eps", type=float, default=None, help="ltt: also bound the selective error by eps.")
-@click.option("--threshold", type=float, default=None, help="threshold: exit when the confidence reaches it (seeds: 0.88).")
-@click.option("--coverage", "target_coverage", type=float, default=None, help="coverage: target coverage on val_calib.")
-@click.option("--calibrator", default=None, help="temperature, platt, isotonic, beta, dirichlet, matrix, or 'none'.")
-@click.option("--score", default="auto", show_default=True,
-              help="What is thresholded: 'p' (calibrated max probability), 'select' (the head's selector) "
-                   "or 'auto' (select for heads with a learned selector: gate, selectivenet).")
-@click.option("--select-calibrator", default=None, help="With --score select: calibrate the selector (platt, isotonic).")
+@lazy_help_option("--policy", "policy_name", required=True, help_fn=_names_help("Exit policy", "policies"))
+@_calibrate_option("--risk", "risk")
+@_calibrate_option("--alpha", "alpha")
+@_calibrate_option("--delta", "delta")
+@_calibrate_option("--eps", "eps")
+@_calibrate_option("--threshold", "threshold")
+@_calibrate_option("--coverage", "target_coverage")
+@_calibrate_option("--calibrator", "calibrator", extra_choices=("none",),
+                   extra_help="'none': no calibrator. [default: the policy's]")
+@_calibrate_option("--select-calibrator", "select_calibrator")
+@declared_option("--score", find=_policy_param("score"), owners=_policy_names, extra_choices=("auto",),
+                 default="auto", show_default=True,
+                 extra_help="'auto': select for heads with a learned selector (gate, selectivenet), else p.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other policy parameter (repeatable).")
 def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None, delta: float | None,
               eps: float | None, threshold: float | None, target_coverage: float | None, calibrator: str | None,
@@ -147,7 +165,6 @@ def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None,
     written with certified=false, the reason and the calibration size needed; it then defers every
     image, and the command exits 0.
     """
-    from stage1.runs.layout import RunDirError
     from stage1.runs.steps import calibrate_run
 
     given: dict[str, Any] = {
@@ -156,20 +173,17 @@ def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None,
         if v is not None
     }
     if calibrator is not None:
-        given["calibrator"] = None if calibrator.lower() == "none" else calibrator
+        given["calibrator"] = None if calibrator == "none" else calibrator
     given.update(parse_params(params, "--param"))
-    try:
-        summary = calibrate_run(run, policy_name, given, score=score)
-    except (RunDirError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except (KeyError, ValueError, TypeError) as exc:
-        raise click.UsageError(str(exc).strip('"')) from None
+    if "score" in given:
+        raise ConfigError("set the score with --score, not --param score=...")
+    summary = calibrate_run(run, policy_name, given, score=score)
     if not summary["certified"] and summary["guarantee"] != "none":
         click.echo(f"NOT CERTIFIED: {summary['reason']}", err=True)
     click.echo(json.dumps(summary, indent=2, sort_keys=True))
 
 
-@click.command()
+@command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", type=click.Choice(SPLIT_NAMES), default="test", show_default=True,
               help="Split to evaluate on (test = the report; others go to RUN/eval_SPLIT/).")
@@ -179,13 +193,7 @@ def evaluate(run: str, split: str) -> None:
     metrics.json holds accuracy, mcc, nll, brier, ece, ece_top_label, aurc, eaurc, augrc, eaugrc,
     coverage, selective_error, fnr_exit, miss_rate, defer_rate, n (and more).
     """
-    from stage1.runs.layout import RunDirError
     from stage1.runs.steps import evaluate_run
 
-    try:
-        metrics = evaluate_run(run, split)
-    except (RunDirError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    metrics = evaluate_run(run, split)
     click.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))

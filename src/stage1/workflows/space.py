@@ -10,6 +10,11 @@ a plain value is fixed; a table is a distribution::
 
 Optuna parameter names are ``head`` / ``policy`` (which part) and ``NAME.param`` (its settings),
 so every head keeps its own distributions and a trial can be rebuilt from its params alone.
+
+``check_names`` (run before a sweep starts) refuses parts that are not registered and parameters a
+part does not declare, and checks every fixed value, choice and range end against the part's
+declaration (``PARAMS``: type and range). The objective's risk is any registered risk
+(``stage1.policies.risks.RISKS``); its constraint is measured_risk - alpha <= 0.
 """
 from __future__ import annotations
 
@@ -18,10 +23,21 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-#: risk names the objective knows (DESIGN: "Risks"); the constraint is measured_risk - alpha <= 0.
-RISKS = ("fnr_exit", "miss_rate", "selective_error")
+from stage1._core.errors import ConfigError, DataError, MissingError
+from stage1._core.params import Params
+
+
+class SpaceError(DataError):
+    """A search-space file that cannot be used (bad table, distribution, part or parameter)."""
+
+
+class SpaceNotFoundError(MissingError):
+    """``--space`` names neither a file nor a shipped space (a usage error: fix the option)."""
+
+    usage = True
+
 
 DEFAULT_OBJECTIVE: dict[str, Any] = {"risk": "fnr_exit", "alpha": 0.02, "coverage_split": "val_select"}
 
@@ -45,7 +61,7 @@ def resolve_space_path(space: str | os.PathLike[str] | None, study: str) -> Path
         shipped = studies_dir() / f"{space}.toml"
         if shipped.is_file():
             return shipped
-        raise FileNotFoundError(
+        raise SpaceNotFoundError(
             f"--space {space}: no such file and no shipped space of that name "
             f"(shipped: {', '.join(shipped_spaces())})"
         )
@@ -59,18 +75,18 @@ def _check_dist(where: str, spec: Any) -> None:
         return
     if "choices" in spec:
         if not isinstance(spec["choices"], list) or not spec["choices"]:
-            raise ValueError(f"{where}: choices must be a non-empty list")
+            raise SpaceError(f"{where}: choices must be a non-empty list")
         extra = set(spec) - {"choices"}
     else:
         if "low" not in spec or "high" not in spec:
-            raise ValueError(f"{where}: a distribution needs either choices = [...] or low and high")
+            raise SpaceError(f"{where}: a distribution needs either choices = [...] or low and high")
         if not spec["low"] <= spec["high"]:
-            raise ValueError(f"{where}: low ({spec['low']}) must be <= high ({spec['high']})")
+            raise SpaceError(f"{where}: low ({spec['low']}) must be <= high ({spec['high']})")
         if spec.get("log") and spec["low"] <= 0:
-            raise ValueError(f"{where}: log = true needs low > 0")
+            raise SpaceError(f"{where}: log = true needs low > 0")
         extra = set(spec) - {"low", "high", "log", "step"}
     if extra:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
+        raise SpaceError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
 
 
 @dataclass
@@ -87,27 +103,29 @@ class SearchSpace:
         """Validate and build a space from parsed TOML."""
         unknown = set(data) - {"objective", "head", "policy", "description"}
         if unknown:
-            raise ValueError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}; use [objective], [head.NAME], [policy.NAME]")
+            raise SpaceError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}; use [objective], [head.NAME], [policy.NAME]")
         heads = data.get("head") or {}
         policies = data.get("policy") or {}
         if not heads or not policies:
-            raise ValueError(f"{source}: needs at least one [head.NAME] and one [policy.NAME] table")
+            raise SpaceError(f"{source}: needs at least one [head.NAME] and one [policy.NAME] table")
         for kind, parts in (("head", heads), ("policy", policies)):
             for name, params in parts.items():
                 if not isinstance(params, dict):
-                    raise ValueError(f"{source}: [{kind}.{name}] must be a table")
+                    raise SpaceError(f"{source}: [{kind}.{name}] must be a table")
                 for key, spec in params.items():
                     _check_dist(f"{source}: {kind}.{name}.{key}", spec)
         objective = {**DEFAULT_OBJECTIVE, **(data.get("objective") or {})}
         bad = set(objective) - set(DEFAULT_OBJECTIVE)
         if bad:
-            raise ValueError(f"{source}: [objective] unknown key(s) {', '.join(sorted(bad))}")
+            raise SpaceError(f"{source}: [objective] unknown key(s) {', '.join(sorted(bad))}")
+        from stage1.policies.risks import RISKS
+
         if objective["risk"] not in RISKS:
-            raise ValueError(f"{source}: [objective] risk {objective['risk']!r}; choose one of {', '.join(RISKS)}")
+            raise SpaceError(f"{source}: [objective] risk {objective['risk']!r}; choose one of {', '.join(RISKS.names())}")
         if not 0.0 < float(objective["alpha"]) < 1.0:
-            raise ValueError(f"{source}: [objective] alpha must be in (0, 1)")
+            raise SpaceError(f"{source}: [objective] alpha must be in (0, 1)")
         if objective["coverage_split"] not in ("val_select", "val_calib"):
-            raise ValueError(f"{source}: [objective] coverage_split must be val_select or val_calib (never test)")
+            raise SpaceError(f"{source}: [objective] coverage_split must be val_select or val_calib (never test)")
         return cls(heads=heads, policies=policies, objective=objective, source=source)
 
     @classmethod
@@ -117,15 +135,29 @@ class SearchSpace:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML ({exc})") from None
+            raise SpaceError(f"{path}: not valid TOML ({exc})") from None
         return cls.from_dict(data, source=str(path))
 
     def check_names(self, head_names: list[str], policy_names: list[str]) -> None:
-        """Refuse parts that are not registered (names listed so the fix is obvious)."""
+        """Refuse parts that are not registered (names listed so the fix is obvious), then check
+        every part's parameters against its declaration (``check_params``)."""
         for kind, parts, valid in (("head", self.heads, head_names), ("policy", self.policies, policy_names)):
             bad = sorted(set(parts) - set(valid))
             if bad:
-                raise ValueError(f"{self.source}: unknown {kind}(s) {', '.join(bad)}; registered: {', '.join(valid)}")
+                raise SpaceError(f"{self.source}: unknown {kind}(s) {', '.join(bad)}; registered: {', '.join(valid)}")
+        self.check_params()
+
+    def check_params(self, heads: Any = None, policies: Any = None) -> None:
+        """Each ``[head.NAME]`` / ``[policy.NAME]`` may only name declared parameters, and each fixed
+        value, choice and ``low`` / ``high`` must be valid for it (registries default to HEADS, POLICIES)."""
+        if heads is None:
+            from stage1.heads import HEADS as heads
+        if policies is None:
+            from stage1.policies import POLICIES as policies
+        for kind, parts, registry in (("head", self.heads, heads), ("policy", self.policies, policies)):
+            for name, specs in parts.items():
+                check_part(f"{self.source}: [{kind}.{name}]", registry.get(name).PARAMS, specs,
+                           "hyperparameter" if kind == "head" else "parameter")
 
     def suggest(self, trial: Any) -> tuple[str, dict[str, Any], str, dict[str, Any]]:
         """Draw (head, head params, policy, policy params) for an Optuna trial."""
@@ -137,6 +169,30 @@ class SearchSpace:
         """Rebuild what ``suggest`` returned from a finished trial's ``params``."""
         head, policy = params["head"], params["policy"]
         return head, _resolve_part(params, head, self.heads[head]), policy, _resolve_part(params, policy, self.policies[policy])
+
+
+def check_part(where: str, declared: Params, specs: Mapping[str, Any], noun: str = "parameter") -> None:
+    """SpaceError unless every key of ``specs`` is a declared parameter and every value it can take
+    (a fixed value, each choice, the ``low`` / ``high`` ends) is valid for the declaration."""
+    try:
+        declared.check_names(specs, where, noun)
+        for key, spec in specs.items():
+            p = declared[key]
+            if not isinstance(spec, dict):
+                p.validate(spec, where)
+            elif "choices" in spec:
+                for choice in spec["choices"]:
+                    p.validate(choice, where)
+            else:
+                if p.type not in (int, float):
+                    raise SpaceError(f"{where} {key}: low / high need a number parameter ({key} is {p.describe()}); "
+                                     "use choices = [...]")
+                p.validate(spec["low"], where)
+                p.validate(spec["high"], where)
+                if p.type is int and not isinstance(spec.get("step", 1), int):
+                    raise SpaceError(f"{where} {key}: an int parameter needs an int step")
+    except ConfigError as exc:
+        raise SpaceError(str(exc)) from None
 
 
 def _suggest_part(trial: Any, prefix: str, specs: dict[str, Any]) -> dict[str, Any]:
