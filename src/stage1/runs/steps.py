@@ -10,7 +10,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from . import layout
 
 from stage1._core.constants import SPLIT_NAMES
 from stage1._core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stage1.policies.selection import SelectionRecord
 
 
 def _splits_file(store: str | os.PathLike[str]) -> Path:
@@ -164,9 +167,17 @@ def _threads() -> int:
 
 
 def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[str, Any],
-                  score: str = "auto") -> dict[str, Any]:
-    """Fit ``policy_name`` on the run's val_calib scores and write policy.json; a summary."""
+                  score: str = "auto", *, part: str = "all", selection: "SelectionRecord | None" = None,
+                  certify_fraction: float | None = None, part_seed: int = 0) -> dict[str, Any]:
+    """Fit ``policy_name`` on the run's val_calib scores and write policy.json; a summary.
+
+    ``part`` picks the rows: "all" of val_calib (one candidate, nothing chosen on it), "choose"
+    (comparing candidates: the fit is recorded as not a guarantee) or "certify" (the held-out
+    rows a choice never saw; ``selection`` says how the run was chosen). The parts are a fixed,
+    label-stratified split keyed on store rows and ``part_seed`` (``policies.selection``).
+    """
     from stage1.policies import POLICIES
+    from stage1.policies.selection import DEFAULT_CERTIFY_FRACTION, SelectionRecord, part_mask
 
     cfg = layout.read_config(run)
     factory = POLICIES.get(policy_name)
@@ -182,19 +193,26 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
         policy = factory(score=score, **params)
     except TypeError as exc:
         raise ConfigError(f"policy {policy_name!r} does not accept these parameters ({exc}); "
-                         "see `calibrate --help`") from None
-    scores, y, _, dropped = layout.split_scores(run, "val_calib")
+                          "see `calibrate --help`") from None
+    scores, y, rows, dropped = layout.split_scores(run, "val_calib")
+    fraction = DEFAULT_CERTIFY_FRACTION if certify_fraction is None else float(certify_fraction)
+    keep = part_mask(part, rows, y, fraction, part_seed)
+    scores, y = {k: v[keep] for k, v in scores.items()}, y[keep]
     if len(y) == 0:
-        raise DataError(f"{Path(run) / layout.SCORES}: val_calib has no labelled rows; nothing to calibrate on")
+        raise DataError(f"{Path(run) / layout.SCORES}: val_calib ({part}) has no labelled rows; nothing to calibrate on")
     policy.fit(scores, y)
+    if selection is None:
+        selection = SelectionRecord("none" if part == "all" else "holdout", 1, part, fraction, part_seed)
     d = policy.to_dict()
-    d["fit"] = {"split": "val_calib", "n": int(len(y)), "positives": int(y.sum()), "unlabelled_skipped": dropped,
-                "head": cfg.get("head"), "run_config_created": cfg.get("created")}
+    d["fit"] = {"split": "val_calib", "part": part, "n": int(len(y)), "positives": int(y.sum()),
+                "unlabelled_skipped": dropped, "head": cfg.get("head"), "run_config_created": cfg.get("created")}
+    d["selection"] = selection.to_dict()
     layout.write_policy(run, d)
     state = d["state"]
     return {"policy": policy_name, "guarantee": d.get("guarantee", "none"), "certified": bool(state["certified"]),
             "reason": state["reason"], "n_needed": state["n_needed"], "t0": state["t0"], "t1": state["t1"],
-            "score": score, "n_calib": int(len(y)), "summary": state.get("summary", {})}
+            "score": score, "n_calib": int(len(y)), "part": part, "selection": selection.statement(),
+            "summary": state.get("summary", {})}
 
 
 def evaluate_run(run: str | os.PathLike[str], split: str = "test") -> dict[str, Any]:

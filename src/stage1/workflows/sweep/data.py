@@ -1,7 +1,9 @@
 """What a sweep reads: the labelled rows of train / val_select / val_calib, loaded into RAM once per process.
 
 Test rows are never loaded: ``SWEEP_SPLITS`` leaves ``test`` out, and ``SweepData.load`` reads only
-the rows those splits list, so no trial and no choice among trials can see a test label.
+the rows those splits list, so no trial and no choice among trials can see a test label. Of
+val_calib only the *choose* part is kept (``policies.selection``): the exported runs are certified
+on the other part, which the choice among trials never saw, so their certificates hold.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from stage1._core.errors import DataError, MissingError
+from stage1.policies.selection import DEFAULT_CERTIFY_FRACTION, PART_SEED, holdout_parts
 
 #: splits a sweep reads; test is deliberately absent.
 SWEEP_SPLITS = ("train", "val_select", "val_calib")
@@ -31,7 +34,7 @@ class SweepData:
 
     @classmethod
     def load(cls, store_path: str | os.PathLike[str]) -> "SweepData":
-        """Read train / val_select / val_calib (labelled rows only) from ``store_path`` once."""
+        """Read train / val_select and the choose part of val_calib (labelled rows only) once."""
         from stage1.featstore import open_store
         from stage1.featstore.splits import load_splits
 
@@ -55,6 +58,11 @@ class SweepData:
             x[name] = feats if name == "train" else feats[:, 0]
             y[name] = labels[r].astype(np.int64)
             rows[name] = r
+        # val_calib: only its choose part. The certify part is what the chosen runs are certified on
+        # (write_trial_run), so no trial and no choice among trials may see it.
+        choose = holdout_parts(rows["val_calib"], y["val_calib"], DEFAULT_CERTIFY_FRACTION, PART_SEED)["choose"]
+        x["val_calib"], y["val_calib"], rows["val_calib"] = (x["val_calib"][choose], y["val_calib"][choose],
+                                                             rows["val_calib"][choose])
         return cls(x=x, y=y, rows=rows, store_path=str(Path(store_path).resolve()),
                    fingerprint=store_fingerprint(store, rows))
 

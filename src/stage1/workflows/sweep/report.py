@@ -138,11 +138,14 @@ def write_outputs(study: Any, space: SearchSpace, data: SweepData, out: Path, re
     write_trials_csv(out / "trials.csv", trial_rows(study))
     result.plots = write_plots(study, out)
     front = pareto_trials(study)
-    for t in front[: max(0, top)]:
+    chosen = front[: max(0, top)]
+    n_candidates = sum(1 for t in study.trials if t.state.name == "COMPLETE")
+    for t in chosen:
         run_dir = out / "runs" / f"trial-{t.number:05d}"
         head, hp, pol, pp = space.resolve(t.params)
         write_trial_run(data, run_dir, head, hp, pol, pp, seed=seed,
-                        sweep={"study": study.study_name, "trial": t.number, "values": list(t.values)})
+                        sweep={"study": study.study_name, "trial": t.number, "values": list(t.values)},
+                        candidates=n_candidates, certified_together=len(chosen))
         result.runs.append(str(run_dir))
     if front:
         b = front[0]
@@ -156,11 +159,15 @@ def write_outputs(study: Any, space: SearchSpace, data: SweepData, out: Path, re
 
 
 def write_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict[str, Any], policy: str,
-                    policy_params: dict[str, Any], seed: int, sweep: dict[str, Any]) -> Path:
+                    policy_params: dict[str, Any], seed: int, sweep: dict[str, Any], candidates: int = 1,
+                    certified_together: int = 1) -> Path:
     """Retrain a trial's head into a standard run dir (train -> calibrate -> evaluate, heads' own code).
 
-    Training is seeded and deterministic, so the run reproduces the trial. An existing run dir of
-    the same trial is kept as it is (a resumed sweep does not redo it).
+    Training is seeded and deterministic, so the run reproduces the trial. Its policy is fitted on
+    the certify part of val_calib, which no trial saw, so the choice among ``candidates`` trials
+    does not void it; a ``delta`` is divided by ``certified_together`` (Bonferroni) because the
+    exported runs share that part and a user may pick among them. An existing run dir of the same
+    trial is kept as it is (a resumed sweep does not redo it).
     """
     from stage1._core.io import read_json
     from stage1.runs import layout
@@ -171,10 +178,18 @@ def write_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict
         if read_json(cfg_path).get("sweep", {}).get("trial") == sweep["trial"]:
             return run_dir
         raise ExistsError(f"{run_dir}: holds another run; use another --out")
+    from stage1.policies.selection import DEFAULT_CERTIFY_FRACTION, PART_SEED, SelectionRecord
+
     pp = dict(policy_params)
     score = pp.pop("score", "p")
+    split = max(1, int(certified_together))
+    if "delta" in pp and split > 1:
+        pp["delta"] = float(pp["delta"]) / split
+    record = SelectionRecord("holdout", max(1, int(candidates)), "certify", DEFAULT_CERTIFY_FRACTION, PART_SEED,
+                             split, "the sweep's Pareto front (choose-part certificates, val_select coverage, AUGRC)")
     train_run(data.store_path, head, run_dir, {"seed": seed, "threads": 0, **head_params}, progress=False)
-    calibrate_run(run_dir, policy, {"seed": seed, **pp}, score=score)
+    calibrate_run(run_dir, policy, {"seed": seed, **pp}, score=score, part="certify", selection=record,
+                  certify_fraction=DEFAULT_CERTIFY_FRACTION, part_seed=PART_SEED)
     for split in ("val_select", "test"):
         evaluate_run(run_dir, split)
     layout.update_config(run_dir, sweep=sweep)

@@ -1,0 +1,146 @@
+"""Choosing among candidates without voiding the certificate: choose on one part, certify on another.
+
+A certificate says P(risk > alpha) <= delta over the draw of the data it was fitted on. Choosing
+the best of K candidates by how they certified on that same data breaks it (best of 20: 21% false
+certificates at delta 0.1 in simulation). So val_calib is split once, deterministically and
+stratified by label, into a *choose* part (candidates are fitted and compared there, and nothing
+fitted there is a guarantee) and a *certify* part that the choice never sees; the chosen
+candidate's policy is then fitted on the certify part alone, where its guarantee holds at delta.
+When several chosen candidates are certified on the same certify part (the sweep's top-k run
+folders), delta is split over them (Bonferroni), so all of them hold together.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from stage1._core.errors import ConfigError, DataError
+
+#: The parts of val_calib (and "all" = no split, for a single candidate that was not chosen).
+PARTS: tuple[str, ...] = ("all", "choose", "certify")
+#: Default share of val_calib held out for the final certificate.
+DEFAULT_CERTIFY_FRACTION = 0.5
+#: Seed of the choose / certify split used by the sweep, the demo and `calibrate --part`: fixed, so
+#: every trial, resume and re-certification agrees on which rows were held out.
+PART_SEED = 0
+
+
+def _rank_key(seed: int, row: int) -> str:
+    return hashlib.sha256(f"{seed}:{row}".encode()).hexdigest()
+
+
+def holdout_parts(rows: np.ndarray, y: np.ndarray, fraction: float = DEFAULT_CERTIFY_FRACTION,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Boolean masks ``{"choose", "certify"}`` over val_calib rows, stratified by label.
+
+    Keyed on the store row numbers and ``seed`` (not on positions), so every trial of a sweep, the
+    demo and a later re-certification agree on the parts whatever order the rows come in.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    y = np.asarray(y)
+    if rows.shape != y.shape:
+        raise DataError(f"rows {rows.shape} and labels {y.shape} differ in shape")
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"certify fraction must be in (0, 1), got {fraction}")
+    certify = np.zeros(len(rows), dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        order = sorted(idx, key=lambda i: _rank_key(seed, int(rows[i])))
+        certify[order[: int(round(fraction * len(idx)))]] = True
+    return {"choose": ~certify, "certify": certify}
+
+
+def part_mask(part: str, rows: np.ndarray, y: np.ndarray, fraction: float = DEFAULT_CERTIFY_FRACTION,
+              seed: int = 0) -> np.ndarray:
+    """The mask of ``part`` ("all", "choose" or "certify") over val_calib rows."""
+    if part not in PARTS:
+        raise ConfigError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    if part == "all":
+        return np.ones(len(rows), dtype=bool)
+    return holdout_parts(rows, y, fraction, seed)[part]
+
+
+@dataclass(frozen=True)
+class SelectionRecord:
+    """How a policy's data relate to a choice among candidates; written into policy.json."""
+
+    method: str  # "none" | "holdout"
+    candidates: int
+    part: str  # the val_calib part this policy was fitted on
+    certify_fraction: float
+    seed: int
+    delta_split: int = 1  # policies certified together on the certify part (Bonferroni divisor)
+    chosen_by: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "candidates": self.candidates, "part": self.part,
+                "certify_fraction": self.certify_fraction, "seed": self.seed,
+                "delta_split": self.delta_split, "chosen_by": self.chosen_by}
+
+    @property
+    def is_guarantee(self) -> bool:
+        """False for a fit on the choose part: it served a comparison and promises nothing."""
+        return self.part != "choose"
+
+    def statement(self) -> str:
+        """One sentence for reports: what the certificate's data were and were not used for."""
+        if self.part == "choose":
+            return (f"fitted on the choose part of val_calib to compare {self.candidates} candidates; "
+                    "not a guarantee")
+        if self.method == "holdout":
+            split = f", delta split over {self.delta_split}" if self.delta_split > 1 else ""
+            return (f"chosen among {self.candidates} candidates on the choose part ({self.chosen_by}); "
+                    f"certified on the held-out certify part of val_calib, unseen by the choice{split}")
+        return "fitted on all of val_calib; no choice among candidates was made on it"
+
+
+@dataclass
+class Selection:
+    """The outcome of ``choose_then_certify``: the winner and its held-out certified policy."""
+
+    winner: int
+    policy: Any  # ExitPolicy fitted on the certify part
+    choose_keys: list[tuple[float, ...]]
+    record: SelectionRecord
+    choose_policies: list[Any] = field(default_factory=list)
+
+
+def certified_coverage_key(policy: Any, scores: Mapping[str, np.ndarray]) -> tuple[float, ...]:
+    """Default ranking on the choose part: certified first, then coverage (larger is better)."""
+    cov = float(np.mean(policy.decide(dict(scores)).exit)) if len(next(iter(scores.values()))) else 0.0
+    return (1.0 if policy.certified else 0.0, cov if policy.certified else 0.0)
+
+
+def _subset(scores: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[mask] for k, v in scores.items()}
+
+
+def choose_then_certify(candidates: Sequence[Mapping[str, np.ndarray]], y: np.ndarray, rows: np.ndarray,
+                        make_policy: Callable[[int], Any], *, fraction: float = DEFAULT_CERTIFY_FRACTION,
+                        seed: int = 0,
+                        rank: Callable[[Any, Mapping[str, np.ndarray]], tuple[float, ...]] = certified_coverage_key,
+                        ) -> Selection:
+    """Fit ``make_policy(i)`` for every candidate's val_calib scores on the choose part, pick the one
+    with the largest ``rank`` (first on ties), then fit a fresh policy for it on the certify part.
+
+    The returned policy's certificate holds at its own delta: the certify rows were not used to
+    choose. ``rows`` are the store rows of val_calib (the same for every candidate).
+    """
+    if not candidates:
+        raise ConfigError("choose_then_certify needs at least one candidate")
+    parts = holdout_parts(rows, y, fraction, seed)
+    choose, certify = parts["choose"], parts["certify"]
+    keys, fitted = [], []
+    for i, scores in enumerate(candidates):
+        sub = _subset(scores, choose)
+        pol = make_policy(i).fit(sub, np.asarray(y)[choose])
+        fitted.append(pol)
+        keys.append(tuple(rank(pol, sub)))
+    winner = max(range(len(candidates)), key=lambda i: (keys[i], -i))
+    final = make_policy(winner).fit(_subset(candidates[winner], certify), np.asarray(y)[certify])
+    record = SelectionRecord("holdout", len(candidates), "certify", fraction, seed, 1,
+                             "certified coverage on the choose part")
+    return Selection(winner, final, keys, record, fitted)
