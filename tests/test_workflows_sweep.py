@@ -234,11 +234,27 @@ def test_sweep_cli_writes_results_and_resumes(store: Path, space_file: Path, tmp
             "attr.certified"} <= set(header)
     best = json.loads((out / "summary.json").read_text())["best"]
     assert best["run_dir"] in map(str, runs)
-    # the run dir reproduces its trial (seeded training): same val_select coverage and AUGRC
+    # the run dir reproduces its trial's head (seeded training): same val_select AUGRC. Its policy is
+    # not the trial's: it is refitted on the certify part of val_calib, which no trial saw, with
+    # delta split over the runs exported together (the trials' own fits only ranked them)
     run_metrics = json.loads((Path(best["run_dir"]) / "eval_val_select" / "metrics.json").read_text())
     trial = study.trials[best["trial"]]
-    assert run_metrics["coverage"] == pytest.approx(trial.user_attrs["result"]["coverage"], abs=1e-9)
     assert run_metrics["augrc"] == pytest.approx(trial.values[1], rel=1e-6)
+    pol = json.loads((Path(best["run_dir"]) / "policy.json").read_text())
+    assert pol["fit"]["part"] == "certify" and pol["selection"]["candidates"] == 4
+    assert pol["selection"]["delta_split"] == len(runs)
+    if pol["policy"] == "ltt":
+        assert pol["params"]["delta"] == pytest.approx(0.2 / len(runs))
+    from stage1.policies.selection import DEFAULT_CERTIFY_FRACTION, PART_SEED, holdout_parts
+    from stage1.runs import layout
+
+    sc = layout.read_scores(best["run_dir"])["val_calib"]
+    keep = sc["y"] >= 0
+    parts = holdout_parts(sc["rows"][keep], sc["y"][keep], DEFAULT_CERTIFY_FRACTION, PART_SEED)
+    assert pol["fit"]["n"] == int(parts["certify"].sum())
+    # ... and no trial ever saw those rows: SweepData holds only the choose part of val_calib
+    data = SweepData.load(store)
+    assert set(data.rows["val_calib"].tolist()) == set(sc["rows"][keep][parts["choose"]].tolist())
 
     # same study name: resumes, and the trial counts add up (the TPE seed differs per resume)
     res = CliRunner().invoke(cli.main, [*args, "--trials", "2"])

@@ -167,6 +167,12 @@ class ExitPolicy:
         """All constructor parameters; ``POLICIES.create(name, **params())`` rebuilds the policy."""
         return {**self._own_params(), **{name: getattr(self, name) for name in type(self).PARAMS.names()}}
 
+    def certifies(self) -> dict[str, str]:
+        """{risk name: "pac" | "expectation"}: the risks this policy's certificate bounds, by its
+        parameters. Empty for rules that give no guarantee. A sweep or report may only call a
+        policy certified *for* a risk listed here (crc bounds the expected miss rate, not FNR_exit)."""
+        return {}
+
     # scoring -------------------------------------------------------------------------------
     def _p(self, logits: np.ndarray) -> np.ndarray:
         return self.cal.p1(logits) if self.cal is not None else softmax(logits, axis=1)[:, 1]
@@ -253,6 +259,7 @@ class ExitPolicy:
             "schema_version": SCHEMA_VERSION,
             "policy": self.name,
             "guarantee": self.guarantee,
+            "bounds": self.certifies(),
             "params": json_safe(self.params()),
             "state": {
                 "calibrator": self.cal.to_dict() if self.cal is not None else None,

@@ -93,6 +93,16 @@ class LTTPolicy(ExitPolicy):
         if self.eps is not None and self.risk == "selective_error":
             raise ConfigError("eps bounds the selective error, which is already the primary risk; drop eps")
 
+    def certifies(self) -> dict[str, str]:
+        """The primary risk, and the selective error when ``eps`` is set, each P(> level) <= delta."""
+        return {self.risk: "pac", **({"selective_error": "pac"} if self.eps is not None else {})}
+
+    def one_line(self) -> bool:
+        """True when only the most lenient exit-as-1 line can matter (a risk blind to false alarms and
+        no eps): every other line has the same or larger p-values and smaller coverage, so testing
+        it would only spend delta. Then that one line gets all of delta."""
+        return self.risk_def.blind_to_false_alarms and self.eps is None
+
     @property
     def risk_def(self) -> Risk:
         """The certified risk as an object (``policies.risks``)."""
@@ -173,13 +183,20 @@ class LTTPolicy(ExitPolicy):
                 "select_calibrator='platt' or 'isotonic', or pass an explicit grid"
             )
         tab = self.pair_table(s, yhat, y)
-        valid, level = self._valid(tab["p"])
+        if self.one_line():
+            valid = np.zeros(tab["p"].shape, dtype=bool)
+            valid[:, -1:], level = self._valid(tab["p"][:, -1:])
+            tested = tab["p"].shape[0]
+        else:
+            valid, level = self._valid(tab["p"])
+            tested = tab["p"].size
         t = tab["thresholds"]
         n = len(y)
         with np.errstate(divide="ignore", invalid="ignore"):
             risk_hat = np.where(tab["trials"] > 0, tab["events"] / np.maximum(tab["trials"], 1), np.nan)
         self.summary = {
-            "n_hypotheses": int(tab["p"].size),
+            "n_hypotheses": int(tested),
+            "lines": "most lenient exit-as-1 line only" if self.one_line() else "all exit-as-1 lines",
             "n_valid": int(valid.sum()),
             "test_level": level,
             "multiple_testing": self.procedure(),
@@ -188,7 +205,9 @@ class LTTPolicy(ExitPolicy):
             i, j = self._best(valid, tab["exits"], risk_hat)
             self.t0, self.t1 = float(t[i]), float(t[j])
             self.certified = True
-            extra = f" and P(selective error > {self.eps:g}) <= {self.delta:g}" if self.eps is not None else ""
+            extra = (f" and P(selective error > {self.eps:g}) <= {self.delta:g}" if self.eps is not None
+                     else "; false alarms (exits as 1 of y=0) are not bounded (set eps to bound them)"
+                     if self.risk_def.blind_to_false_alarms else "")
             self.reason = (
                 f"LTT ({self.procedure()}, {self.pvalue}): P({self.risk} > {self.alpha:g}) <= {self.delta:g}"
                 f"{extra}; certified pair of maximum calibration coverage {tab['exits'][i, j] / n:.4f}"

@@ -105,6 +105,13 @@ class Risk:
         return not any(bool(self.counted(0, p, e)) for p in (0, 1) for e in (False, True))
 
     @property
+    def blind_to_false_alarms(self) -> bool:
+        """True when exiting a predicted positive is never an error for this risk (fnr_exit, miss_rate):
+        such exits can only add trials, so the most lenient exit-as-1 threshold is never worse, and
+        a certificate for this risk alone says nothing about false alarms."""
+        return not any(bool(self.wrong(y, 1)) for y in (0, 1))
+
+    @property
     def fixed_denominator(self) -> bool:
         """True when the counted rows do not depend on exiting (CRC needs a fixed population)."""
         return all(bool(self.counted(y, p, True)) == bool(self.counted(y, p, False)) for y in (0, 1) for p in (0, 1))

@@ -79,6 +79,10 @@ class CRCPolicy(ExitPolicy):
         Param("exit1_threshold", float, None, "Fixed exit-as-1 threshold (None: the CRC threshold).", optional=True),
     ) + BASE_PARAMS
 
+    def certifies(self) -> dict[str, str]:
+        """CRC bounds the expected controlled risk over the draw of val_calib, nothing else."""
+        return {self.risk: "expectation"}
+
     def _fit_thresholds(self, s: np.ndarray, yhat: np.ndarray, y: np.ndarray) -> None:
         risk = get_risk(self.risk)
         counted = np.asarray(risk.counted(y, yhat, True), dtype=bool)  # the fixed population

@@ -180,6 +180,8 @@ def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None,
     summary = calibrate_run(run, policy_name, given, score=score)
     if not summary["certified"] and summary["guarantee"] != "none":
         click.echo(f"NOT CERTIFIED: {summary['reason']}", err=True)
+    else:
+        click.echo(f"guarantee: {summary['statement']}", err=True)
     click.echo(json.dumps(summary, indent=2, sort_keys=True))
 
 

@@ -177,6 +177,7 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
     label-stratified split keyed on store rows and ``part_seed`` (``policies.selection``).
     """
     from stage1.policies import POLICIES
+    from stage1.policies.guarantee import guarantee_statement
     from stage1.policies.selection import DEFAULT_CERTIFY_FRACTION, SelectionRecord, part_mask
 
     cfg = layout.read_config(run)
@@ -207,28 +208,31 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
     d["fit"] = {"split": "val_calib", "part": part, "n": int(len(y)), "positives": int(y.sum()),
                 "unlabelled_skipped": dropped, "head": cfg.get("head"), "run_config_created": cfg.get("created")}
     d["selection"] = selection.to_dict()
+    d["statement"] = guarantee_statement(d)
     layout.write_policy(run, d)
     state = d["state"]
     return {"policy": policy_name, "guarantee": d.get("guarantee", "none"), "certified": bool(state["certified"]),
             "reason": state["reason"], "n_needed": state["n_needed"], "t0": state["t0"], "t1": state["t1"],
-            "score": score, "n_calib": int(len(y)), "part": part, "selection": selection.statement(),
+            "score": score, "n_calib": int(len(y)), "part": part, "statement": d["statement"],
             "summary": state.get("summary", {})}
 
 
 def evaluate_run(run: str | os.PathLike[str], split: str = "test") -> dict[str, Any]:
     """Apply policy.json to ``split``; write metrics.json, metrics.csv and PNG plots; the metrics."""
-    from stage1.policies import policy_from_dict
+    from stage1.policies import policy_from_dict, reports
     from stage1.policies.evaluate import evaluation_metrics
-    from stage1.policies import reports
+    from stage1.policies.guarantee import guarantee_statement
 
     cfg = layout.read_config(run)
-    policy = policy_from_dict(layout.read_policy(run))
+    policy_json = layout.read_policy(run)
+    policy = policy_from_dict(policy_json)
     scores, y, _, dropped = layout.split_scores(run, split)
     if len(y) == 0:
         raise DataError(f"{Path(run) / layout.SCORES}: split {split!r} has no labelled rows to evaluate")
     decision = policy.decide(scores)
     metrics = dict(evaluation_metrics(y, scores, decision))
     metrics.update({"split": split, "head": cfg.get("head"), "policy": policy.name,
+                    "guarantee_statement": guarantee_statement(policy_json),
                     "certified": bool(policy.certified), "unlabelled_skipped": dropped})
     out = layout.eval_dir(run, split)
     out.mkdir(parents=True, exist_ok=True)

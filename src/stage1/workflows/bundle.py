@@ -69,10 +69,15 @@ def run_provenance(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def _calibration_facts(run: Path, policy: dict[str, Any]) -> dict[str, Any]:
     from stage1._core.io import read_json
 
+    from stage1.policies.guarantee import bounded_risks, guarantee_statement
+
     state = policy.get("state", {})
     facts: dict[str, Any] = {
         "policy": policy.get("policy"),
         "guarantee": policy.get("guarantee"),
+        "statement": guarantee_statement(policy),
+        "bounds": bounded_risks(policy),
+        "selection": policy.get("selection"),
         "certified": state.get("certified"),
         "reason": state.get("reason"),
         "n_needed": state.get("n_needed"),

@@ -129,11 +129,15 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
 @click.option("--policy", "policy_name", default="ltt", show_default=True, help="Exit policy fitted for every head.")
 @click.option("--alpha", type=float, default=0.05, show_default=True, help="Risk level of the policy (FNR_exit for ltt, miss rate for crc).")
 @click.option("--delta", type=float, default=0.1, show_default=True, help="ltt: allowed probability that the risk exceeds alpha.")
+@click.option("--eps", type=float, default=0.1, show_default=True,
+              help="ltt: also bound the selective error (false alarms included) by eps, jointly at delta; "
+                   "0 = FNR_exit only (false alarms then unbounded).")
 @click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use at most this many images (stratified), e.g. for a quick look.")
 @batch_size_option(32)
 @seed_option(help="Seed of splits, heads and policies.")
 def demo(backbone: str | None, images: str | None, labels: tuple[str, ...], out: str, image_size: int | None,
-         head_names: str, epochs: int, policy_name: str, alpha: float, delta: float, max_images: int | None,
+         head_names: str, epochs: int, policy_name: str, alpha: float, delta: float, eps: float,
+         max_images: int | None,
          batch_size: int, seed: int) -> None:
     """The whole main job end to end on real data: extract -> split -> train -> calibrate -> evaluate
     -> export -> predict, then a readable report and the plot paths.
@@ -147,7 +151,7 @@ def demo(backbone: str | None, images: str | None, labels: tuple[str, ...], out:
         raise click.UsageError("--labels needs --images DIR (the folder the CSV paths are relative to)")
     cfg = DemoConfig(backbone=backbone, images=images, labels=list(labels), out=out, image_size=image_size,
                      heads=[h.strip() for h in head_names.split(",") if h.strip()], epochs=epochs,
-                     policy=policy_name, alpha=alpha, delta=delta, max_images=max_images,
+                     policy=policy_name, alpha=alpha, delta=delta, eps=eps or None, max_images=max_images,
                      batch_size=batch_size, seed=seed)
     report = run_demo(cfg)
     click.echo(report)

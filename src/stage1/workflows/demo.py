@@ -43,6 +43,7 @@ class DemoConfig:
     policy: str = "ltt"
     alpha: float = 0.05
     delta: float = 0.1
+    eps: float | None = 0.1
     max_images: int | None = None
     batch_size: int = 32
     seed: int = 0
@@ -138,23 +139,41 @@ def extract_store(cfg: DemoConfig, images: str, labels: Path, backbone: Any, bac
         return run_extract(ecfg, backbone=backbone)
 
 
+def _policy_params(cfg: DemoConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"alpha": cfg.alpha, "seed": cfg.seed}
+    if cfg.policy == "ltt":  # FNR_exit and, with eps, the selective error (false alarms included)
+        params.update(delta=cfg.delta, risk="fnr_exit", eps=cfg.eps)
+    return params
+
+
+def _part(cfg: DemoConfig) -> str:
+    """Several heads: compare them on the choose part of val_calib; one head: nothing is chosen."""
+    return "choose" if len(cfg.heads) > 1 else "all"
+
+
 def train_heads(cfg: DemoConfig, store: Path, runs: Path) -> dict[str, dict[str, Any]]:
-    """train -> calibrate -> evaluate (val_select and test) for every head; results per head."""
+    """train -> calibrate -> evaluate (val_select and test) for every head; results per head.
+
+    With several heads each policy is fitted on the choose part of val_calib: those fits rank the
+    heads and are recorded as not a guarantee (``certify_choice`` then certifies the winner).
+    """
+    from stage1.policies.selection import DEFAULT_CERTIFY_FRACTION, PART_SEED, SelectionRecord
     from stage1.runs.steps import calibrate_run, evaluate_run, train_run
 
     if runs.exists():
         shutil.rmtree(runs)  # the demo's own folder: a re-run replaces its runs
     results: dict[str, dict[str, Any]] = {}
-    policy_params: dict[str, Any] = {"alpha": cfg.alpha, "seed": cfg.seed}
-    if cfg.policy == "ltt":
-        policy_params.update(delta=cfg.delta, risk="fnr_exit")
+    part = _part(cfg)
+    record = SelectionRecord("holdout" if part == "choose" else "none", len(cfg.heads), part,
+                             DEFAULT_CERTIFY_FRACTION, PART_SEED)
     for name in cfg.heads:
         run = runs / name
         t0 = time.perf_counter()
         _log(f"train {name}")
         hparams = {**DEMO_HEAD_PARAMS.get(name, {}), "epochs": cfg.epochs, "seed": cfg.seed}
         trained = train_run(store, name, run, hparams, progress=cfg.progress)
-        cal = calibrate_run(run, cfg.policy, dict(policy_params), score="auto")
+        cal = calibrate_run(run, cfg.policy, _policy_params(cfg), score="auto", part=part, selection=record,
+                            certify_fraction=DEFAULT_CERTIFY_FRACTION, part_seed=PART_SEED)
         val = evaluate_run(run, "val_select")
         test = evaluate_run(run, "test")
         results[name] = {"run": str(run), "train": trained, "calibration": cal, "val_select": val, "test": test,
@@ -163,13 +182,34 @@ def train_heads(cfg: DemoConfig, store: Path, runs: Path) -> dict[str, dict[str,
 
 
 def choose_head(results: dict[str, dict[str, Any]]) -> str:
-    """The head for the bundle: highest certified coverage on val_select, then lowest AUGRC (never test)."""
+    """The head for the bundle: highest certified coverage on val_select, then lowest AUGRC (never test;
+    the certificates compared here are the choose-part fits)."""
     def key(name: str) -> tuple[float, float]:
         r = results[name]
         cov = float(r["val_select"]["coverage"]) if r["calibration"]["certified"] else 0.0
         return (-cov, float(r["val_select"]["augrc"]))
 
     return min(results, key=key)
+
+
+def certify_choice(cfg: DemoConfig, results: dict[str, dict[str, Any]], best: str) -> dict[str, Any]:
+    """Refit the chosen head's policy on the certify part of val_calib, which the choice never saw, so
+    its certificate holds at delta; re-evaluate it. One head: its all-of-val_calib fit already holds."""
+    from stage1.policies.selection import DEFAULT_CERTIFY_FRACTION, PART_SEED, SelectionRecord
+    from stage1.runs.steps import calibrate_run, evaluate_run
+
+    r = results[best]
+    if _part(cfg) == "all":
+        return r
+    record = SelectionRecord("holdout", len(results), "certify", DEFAULT_CERTIFY_FRACTION, PART_SEED, 1,
+                             "val_select coverage of choose-part certificates, then AUGRC")
+    _log(f"certify {best} on the held-out part of val_calib")
+    cal = calibrate_run(r["run"], cfg.policy, _policy_params(cfg), score="auto", part="certify", selection=record,
+                        certify_fraction=DEFAULT_CERTIFY_FRACTION, part_seed=PART_SEED)
+    r = {**r, "choose_calibration": r["calibration"], "calibration": cal,
+         "val_select": evaluate_run(r["run"], "val_select"), "test": evaluate_run(r["run"], "test")}
+    results[best] = r
+    return r
 
 
 def predict_check(bundle: Path, backbone_path: str, run: Path, store: Path, n: int, batch_size: int
@@ -245,6 +285,7 @@ def run_demo(cfg: DemoConfig) -> str:
 
     t = time.perf_counter()
     best = choose_head(results)
+    certify_choice(cfg, results, best)
     bundle = export_bundle(results[best]["run"], out / "bundle", force=True)
     timings["export"] = time.perf_counter() - t
 
@@ -288,8 +329,11 @@ def format_report(cfg: DemoConfig, data_desc: str, backbone_path: str, image_siz
         f"Backbone: {backbone_path} (input {image_size}px)",
         f"Store: {Path(cfg.out) / 'store'} ({_extract_summary(extracted)})",
         f"Splits: {split_line}",
-        f"Policy: {cfg.policy}, {risk} <= {cfg.alpha:g}" + (f" with probability >= {1 - cfg.delta:g}" if cfg.policy == "ltt" else "")
-        + " (fit on val_calib only)", "",
+        f"Policy: {cfg.policy}, target {risk} <= {cfg.alpha:g}"
+        + (f" and selective error <= {cfg.eps:g}" if cfg.policy == "ltt" and cfg.eps is not None else "")
+        + (f", delta {cfg.delta:g}" if cfg.policy == "ltt" else "") + " (fit on val_calib only)",
+        ("Heads compared with policies fitted on the choose part of val_calib (a comparison, not a guarantee); "
+         "the chosen head is certified again on the held-out part." if _part(cfg) == "choose" else ""), "",
         "| head | val acc | val AUGRC | certified | test acc | test coverage | test FNR_exit | test miss rate | test sel. error |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -301,7 +345,8 @@ def format_report(cfg: DemoConfig, data_desc: str, backbone_path: str, image_siz
                      f"{_fmt(te['coverage'], True)} | {_fmt(te['fnr_exit'], True)} | {_fmt(te['miss_rate'], True)} | "
                      f"{_fmt(te['selective_error'], True)} |")
     cal = results[best]["calibration"]
-    lines += ["", f"Chosen on val_select (certified coverage, then AUGRC): {best}. Policy: {cal['reason']}"]
+    lines += ["", f"Chosen on val_select (certified coverage, then AUGRC): {best}.",
+              f"Guarantee of the bundle: {cal['statement']}"]
     if not cal["certified"] and cal.get("n_needed"):
         lines.append(f"  -> not certifiable at this size; about {cal['n_needed']} calibration positives needed.")
     lines += [f"Bundle: {bundle}", "",

@@ -146,6 +146,30 @@ class SearchSpace:
             if bad:
                 raise SpaceError(f"{self.source}: unknown {kind}(s) {', '.join(bad)}; registered: {', '.join(valid)}")
         self.check_params()
+        self.check_bounds()
+
+    def check_bounds(self, policies: Any = None) -> None:
+        """Refuse a policy whose certificate cannot bound the objective's risk: its "certified"
+        would be a promise about another risk (crc bounds E[miss rate], never FNR_exit). Each
+        choice of a searched parameter (e.g. ``risk``) is tried; ranges keep their defaults.
+        Baselines that certify nothing (threshold, coverage) stay allowed: their certified
+        coverage is always 0, so they are compared honestly."""
+        if policies is None:
+            from stage1.policies import POLICIES as policies
+        risk = self.objective["risk"]
+        for name, specs in self.policies.items():
+            variants: list[dict[str, Any]] = [{k: v for k, v in specs.items() if not isinstance(v, dict)}]
+            for key, spec in specs.items():
+                if isinstance(spec, dict) and "choices" in spec:
+                    variants = [{**v, key: c} for v in variants for c in spec["choices"]]
+            bounds = set()
+            for params in variants:
+                bounds |= set(policies.create(name, **params).certifies())
+            if bounds and risk not in bounds:
+                raise SpaceError(
+                    f"{self.source}: [policy.{name}] certifies {', '.join(sorted(bounds)) or 'nothing'}, not the "
+                    f"objective's risk {risk}; a trial it certifies would promise nothing about {risk}. Remove it, "
+                    f"or make [objective] risk one it bounds")
 
     def check_params(self, heads: Any = None, policies: Any = None) -> None:
         """Each ``[head.NAME]`` / ``[policy.NAME]`` may only name declared parameters, and each fixed

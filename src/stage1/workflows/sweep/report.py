@@ -182,9 +182,12 @@ def write_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict
 
     pp = dict(policy_params)
     score = pp.pop("score", "p")
+    from stage1.policies import POLICIES
+
     split = max(1, int(certified_together))
-    if "delta" in pp and split > 1:
-        pp["delta"] = float(pp["delta"]) / split
+    declared = POLICIES.create(policy, score=score, **pp).params()  # the delta in force, default included
+    if split > 1 and declared.get("delta") is not None:
+        pp["delta"] = float(declared["delta"]) / split
     record = SelectionRecord("holdout", max(1, int(candidates)), "certify", DEFAULT_CERTIFY_FRACTION, PART_SEED,
                              split, "the sweep's Pareto front (choose-part certificates, val_select coverage, AUGRC)")
     train_run(data.store_path, head, run_dir, {"seed": seed, "threads": 0, **head_params}, progress=False)

@@ -1,0 +1,92 @@
+"""What a fitted policy promises, in one sentence that is true: the only place reports get it from.
+
+Read from the policy.json object (``ExitPolicy.to_dict()`` plus the ``fit`` / ``selection`` records
+that ``stage1 calibrate`` adds), so the CLI, evaluate, the bundle, the demo and predict all print
+the same words. It names each bounded risk with its level and kind (PAC: P(risk > a) <= delta over
+the draw of the certification rows; expectation: E[risk] <= a), says which risks are *not* bounded,
+and says when a choice among candidates was made on the same rows (then it is not a guarantee).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from stage1.policies.risks import all_risks
+from stage1.policies.selection import SelectionRecord
+
+#: what each kind of policy bounds, for policy.json files written before ``bounds`` was recorded.
+_LEGACY_BOUNDS = {"ltt": "pac", "crc": "expectation"}
+
+
+def bounded_risks(policy: Mapping[str, Any]) -> dict[str, str]:
+    """{risk: "pac" | "expectation"} the policy's certificate covers (empty: no guarantee)."""
+    bounds = policy.get("bounds")
+    if isinstance(bounds, Mapping):
+        return {str(k): str(v) for k, v in bounds.items()}
+    params = policy.get("params", {}) or {}
+    kind = _LEGACY_BOUNDS.get(str(policy.get("guarantee")))
+    if kind is None:
+        return {}
+    out = {str(params.get("risk", "fnr_exit" if kind == "pac" else "miss_rate")): kind}
+    if kind == "pac" and params.get("eps") is not None:
+        out["selective_error"] = "pac"
+    return out
+
+
+def _level(risk: str, params: Mapping[str, Any]) -> float:
+    if risk == "selective_error" and params.get("risk") != "selective_error" and params.get("eps") is not None:
+        return float(params["eps"])
+    return float(params["alpha"])
+
+
+def selection_record(policy: Mapping[str, Any]) -> SelectionRecord | None:
+    """The ``selection`` record of a policy.json, if it has one."""
+    sel = policy.get("selection")
+    if not isinstance(sel, Mapping):
+        return None
+    return SelectionRecord(str(sel.get("method", "none")), int(sel.get("candidates", 1)), str(sel.get("part", "all")),
+                           float(sel.get("certify_fraction", 0.5)), int(sel.get("seed", 0)),
+                           int(sel.get("delta_split", 1)), str(sel.get("chosen_by", "")))
+
+
+def is_guarantee_for(policy: Mapping[str, Any], risk: str) -> bool:
+    """True when the policy is certified, bounds ``risk`` and was not fitted to compare candidates."""
+    state = policy.get("state", {}) or {}
+    sel = selection_record(policy)
+    return bool(state.get("certified")) and risk in bounded_risks(policy) and (sel is None or sel.is_guarantee)
+
+
+def guarantee_statement(policy: Mapping[str, Any]) -> str:
+    """One honest sentence: what is bounded (level, delta, kind, data), what is not, or why nothing is."""
+    params = policy.get("params", {}) or {}
+    state = policy.get("state", {}) or {}
+    bounds = bounded_risks(policy)
+    sel = selection_record(policy)
+    if not bounds:
+        return f"no guarantee: {policy.get('policy')} is a rule without a certificate (it still exits)"
+    if not state.get("certified"):
+        return "not certified: every image is deferred (" + str(state.get("reason", "")) + ")"
+    if sel is not None and not sel.is_guarantee:
+        return sel.statement()
+    fit = policy.get("fit", {}) or {}
+    where = f"the {fit['part']} part of val_calib" if fit.get("part") in ("choose", "certify") else "val_calib"
+    n = f", {fit['n']} rows" if "n" in fit else ""
+    pac = [r for r, k in bounds.items() if k == "pac"]
+    exp = [r for r, k in bounds.items() if k == "expectation"]
+    parts = []
+    if pac:
+        delta = float(params["delta"])
+        # several PAC risks are certified jointly (intersection-union test per pair): one event
+        joint = " or ".join(f"{r} > {_level(r, params):g}" for r in pac)
+        parts.append(f"P({joint}) <= {delta:g}")
+    if exp:
+        parts.append(" and ".join(f"E[{r}] <= {_level(r, params):g}" for r in exp) +
+                     " in expectation (no probability statement)")
+    unbounded = [r.name for r in all_risks() if r.name not in bounds]
+    text = "; ".join(parts) + f", over the draw of {where}{n} (rows exchangeable with what is scored)"
+    if unbounded:
+        text += "; not bounded: " + ", ".join(unbounded)
+        if "selective_error" in unbounded and any(r in bounds for r in ("fnr_exit", "miss_rate")):
+            text += " (false alarms, exits as 1 of y=0 images, are not limited)"
+    if sel is not None and sel.method == "holdout":
+        text += "; " + sel.statement()
+    return text
