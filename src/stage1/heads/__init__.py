@@ -2,8 +2,30 @@
 
 ``HEADS.create(name, **hparams)`` builds an unfitted head; ``load_head(dir)`` restores a saved one.
 Each head class declares its hyperparameters once (``HEADS.get(name).PARAMS``).
-Importing ``heads`` stays light (``heads.commands`` is loaded by ``stage1 --help``): the head
-modules, which need torch, are imported the first time ``HEADS`` or ``load_head`` is used.
+Importing ``heads`` stays light: the head modules, which need torch, are imported the first time
+``HEADS`` or ``load_head`` is used.
+
+Examples
+--------
+``HEADS.create(name, **hparams)``: hyperparameters are checked against the head's declaration;
+``fit`` trains on cached features ([n, D], or [n, V, D] with views); ``predict_scores`` gives the
+logits and the ``select`` score an exit policy thresholds.
+
+>>> import numpy as np
+>>> from stage1.heads import HEADS
+>>> HEADS.names()
+['crc', 'gate', 'mlp', 'selectivenet']
+>>> rng = np.random.default_rng(0)
+>>> y = rng.integers(0, 2, 200)
+>>> X = rng.normal(0, 1, (200, 8)).astype(np.float32) + 2.0 * y[:, None]
+>>> head = HEADS.create("gate", hidden=16, epochs=5, batch_size=32, seed=0).fit(X, y)
+>>> scores = head.predict_scores(X[:3])
+>>> sorted(scores), scores["logits"].shape
+(['logits', 'select'], (3, 2))
+>>> HEADS.create("mlp", hidden=-1)
+Traceback (most recent call last):
+...
+stage1._core.errors.ConfigError: head 'mlp': hidden=-1: expected int >= 1
 """
 from __future__ import annotations
 

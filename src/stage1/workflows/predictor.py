@@ -50,7 +50,50 @@ def resolve_backbone(manifest: dict[str, Any], backbone: str | os.PathLike[str] 
 
 
 class Stage1Predictor:
-    """Backbone -> head -> exit policy, built from a verified bundle."""
+    """Backbone -> head -> exit policy, built from a verified bundle.
+
+    Build it with ``from_bundle`` (it refuses a tampered file, an unknown schema, or a backbone
+    of other weights or width); ``predict`` / ``iter_predict`` take paths, bytes or PIL images and
+    give one record per image: path, p_roadwork, decision (exit | defer), label, pred_set,
+    select_score and level (an image that cannot be read gets a deferred record with its error).
+
+    Examples
+    --------
+    The whole path on a tiny random backbone: extract, split, train, calibrate, export, predict.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from transformers import Dinov2Config, Dinov2Model
+    >>> from stage1.featstore.extract import ExtractConfig, run_extract
+    >>> from stage1.featstore.splits import write_splits
+    >>> from stage1.runs.steps import calibrate_run, train_run
+    >>> from stage1.workflows.bundle import export_bundle
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                          intermediate_size=32, patch_size=16, image_size=32)).save_pretrained(tmp / "bb")
+    >>> (tmp / "img").mkdir()
+    >>> rng = np.random.default_rng(0)
+    >>> rows = ["path,label"]
+    >>> for i in range(40):
+    ...     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp / "img" / f"{i}.png")
+    ...     rows.append(f"{i}.png,{i % 2}")
+    >>> _ = (tmp / "labels.csv").write_text("\\n".join(rows))
+    >>> _ = run_extract(ExtractConfig(images=str(tmp / "img"), labels=str(tmp / "labels.csv"),
+    ...                               backbone=str(tmp / "bb"), out=str(tmp / "s"), image_size=32,
+    ...                               workers=0, progress=False))
+    >>> _ = write_splits(tmp / "s", seed=0)
+    >>> _ = train_run(tmp / "s", "mlp", tmp / "run", {"epochs": 2, "hidden": 8}, progress=False)
+    >>> _ = calibrate_run(tmp / "run", "threshold", {"threshold": 0.5})
+    >>> bundle = export_bundle(tmp / "run", tmp / "bundle")
+    >>> predictor = Stage1Predictor.from_bundle(bundle)
+    >>> records = predictor.predict([str(tmp / "img" / "0.png"), b"not an image"])
+    >>> sorted(records[0])
+    ['decision', 'label', 'level', 'p_roadwork', 'path', 'pred_set', 'select_score']
+    >>> 0.0 <= records[0]["p_roadwork"] <= 1.0, records[1]["decision"], "error" in records[1]
+    (True, 'defer', True)
+    """
 
     def __init__(self, manifest: dict[str, Any], backbone: Any, head: Any, policy: Any,
                  bundle_dir: str | os.PathLike[str]) -> None:
