@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from stage1.heads import HEADS
 from stage1.heads.base import class_weight_vector
-from stage1.heads.crc import crc_rank, crc_soft_terms, smoothed_order_statistic
+from stage1.heads.crc import crc_rank, crc_soft_terms, smoothed_order_statistic, split_batch
 from stage1.heads.gate import stratified_folds
 
 
@@ -49,25 +49,43 @@ def test_smoothed_order_statistic_exact_and_differentiable() -> None:
 def test_crc_soft_terms_split_halves_and_small_batches() -> None:
     y = torch.tensor([1, 0] * 50)
     p1 = torch.linspace(0.01, 0.99, 100, requires_grad=True)
-    t, miss, keep = crc_soft_terms(p1, y, alpha=0.1, bandwidth=0.0, temperature=0.05)
+    cal, pred_pos, pred_neg = split_batch(y, "halves", "risk_and_efficiency")
+    terms = crc_soft_terms(p1[cal], p1[pred_pos], p1[pred_neg], alpha=0.1, bandwidth=0.0, temperature=0.05)
+    assert terms is not None and terms.n_cal_pos == 25
+    t = terms.threshold
     cal_pos = np.sort(p1.detach().numpy()[:50][y.numpy()[:50] == 1])
     assert float(t.detach()) == pytest.approx(cal_pos[crc_rank(25, 0.1)])
     pred, yp = p1.detach()[50:], y[50:]
-    assert float(miss.detach()) == pytest.approx(float(torch.sigmoid((t.detach() - pred[yp == 1]) / 0.05).mean()))
-    assert float(keep.detach()) == pytest.approx(float(torch.sigmoid((pred[yp == 0] - t.detach()) / 0.05).mean()))
-    (miss + keep).backward()
+    want_miss = torch.sigmoid((t.detach() - pred[yp == 1]) / 0.05).mean()
+    want_keep = torch.sigmoid((pred[yp == 0] - t.detach()) / 0.05).mean()
+    assert float(terms.miss.detach()) == pytest.approx(float(want_miss))
+    assert float(terms.keep.detach()) == pytest.approx(float(want_keep))
+    (terms.miss + terms.keep).backward()
     assert p1.grad[:50].abs().sum() > 0 and p1.grad[50:].abs().sum() > 0  # both halves get gradient
-    assert crc_soft_terms(p1.detach()[:20], y[:20], alpha=0.02, bandwidth=1.0, temperature=0.05) is None
+    small = p1.detach()[:20]
+    cal, pred_pos, pred_neg = split_batch(y[:20], "halves", "risk_and_efficiency")
+    assert crc_soft_terms(small[cal], small[pred_pos], small[pred_neg], alpha=0.02, bandwidth=1.0,
+                          temperature=0.05) is None
 
 
-def test_crc_loss_adds_weighted_terms() -> None:
-    head = HEADS.create("crc", crc_alpha=0.1, lambda_crc=2.0, lambda_eff=0.5, class_weights="none")
+@pytest.mark.parametrize("objective", ["paper", "risk_and_efficiency"])
+def test_crc_loss_adds_weighted_terms(objective: str) -> None:
+    kw = dict(crc_alpha=0.1, crc_objective=objective, crc_split="halves", lambda_crc=2.0, lambda_eff=0.5,
+              class_weights="none")
+    if objective == "paper":
+        with pytest.warns(UserWarning, match="lambda_crc has no effect"):
+            head = HEADS.create("crc", **kw)
+    else:
+        head = HEADS.create("crc", **kw)
     torch.manual_seed(0)
     logits = torch.randn(100, 2)
     y = torch.tensor([1, 0] * 50)
     head.prepare(y)
-    _, miss, keep = crc_soft_terms(torch.softmax(logits, 1)[:, 1], y, 0.1, 2.0, 0.05)
-    want = F.cross_entropy(logits, y) + 2.0 * miss + 0.5 * keep
+    p1 = torch.softmax(logits, 1)[:, 1]
+    cal, pred_pos, pred_neg = split_batch(y, "halves", objective)
+    terms = crc_soft_terms(p1[cal], p1[pred_pos], p1[pred_neg], 0.1, 2.0, 0.05)
+    assert terms is not None
+    want = F.cross_entropy(logits, y) + 0.5 * terms.keep + (2.0 * terms.miss if objective != "paper" else 0.0)
     assert float(head.loss({"logits": logits}, y)) == pytest.approx(float(want), rel=1e-6)
 
 

@@ -139,7 +139,8 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
     layout.start_run(run, json_safe(config))
     return {"run": str(run), "head": head_name, "best_epoch": None if hist is None else hist["best_epoch"],
             "epochs_run": None if hist is None else hist["epochs_run"], "seconds_fit": round(t_fit, 3),
-            "val_select": val_summary, "splits": config["splits"]}
+            "val_select": val_summary, "splits": config["splits"],
+            **({"crc_term_fraction": hist["crc_term_fraction"]} if hist and "crc_term_fraction" in hist else {})}
 
 
 def _quick_summary(d: dict[str, np.ndarray]) -> dict[str, Any]:
