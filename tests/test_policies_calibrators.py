@@ -52,8 +52,9 @@ def test_beta_matches_netcal_golden(golden):
     z_fit, y_fit, z_te, y_te = _halves(arrays)
     beta = CALIBRATORS.create("beta").fit(z_fit, y_fit)
     assert nll(y_te, beta.p1(z_te)) == pytest.approx(gold["beta_nll_netcal"], abs=1e-4)
-    # two-class Dirichlet is the same model; the classic (a, b, c) form reproduces it
-    dirichlet = CALIBRATORS.create("dirichlet").fit(z_fit, y_fit)
+    # two-class Dirichlet is the same model; the classic (a, b, c) form reproduces it (dirichlet
+    # cross-validates its ODIR penalty by default; lam=0 is the unregularised fit beta makes)
+    dirichlet = CALIBRATORS.create("dirichlet", lam=0.0).fit(z_fit, y_fit)
     np.testing.assert_allclose(beta.p1(z_te), dirichlet.p1(z_te), atol=1e-6)
     a, b, c = beta.coefficients()
     p = 1 / (1 + np.exp(-z_te))
@@ -75,11 +76,13 @@ def test_beta_matches_netcal_live(golden):
 def test_platt_matches_unpenalised_logistic_regression(golden):
     arrays, _ = golden
     z_fit, y_fit, z_te, _ = _halves(arrays)
-    cal = CALIBRATORS.create("platt").fit(z_fit, y_fit)
+    # logits go to platt as two columns (a 1-D input is a score in [0, 1], see the tests below)
+    cal = CALIBRATORS.create("platt").fit(as_logits(z_fit), y_fit)
+    assert cal.input == "logits"
     lr = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000).fit(z_fit[:, None], y_fit)
     assert cal.a == pytest.approx(lr.coef_[0, 0], abs=1e-4)
     assert cal.b == pytest.approx(lr.intercept_[0], abs=1e-4)
-    np.testing.assert_allclose(cal.p1(z_te), lr.predict_proba(z_te[:, None])[:, 1], atol=1e-5)
+    np.testing.assert_allclose(cal.p1(as_logits(z_te)), lr.predict_proba(z_te[:, None])[:, 1], atol=1e-5)
 
 
 def test_isotonic_matches_sklearn_with_ties(golden):
@@ -107,7 +110,7 @@ def test_odir_penalty_formula_and_effect():
     assert np.all(np.diag(gW) == 0)  # diagonal not penalised
     np.testing.assert_allclose(gb, 2 * 0.5 / k * b)
 
-    free = CALIBRATORS.create("dirichlet").fit(logits, y)
+    free = CALIBRATORS.create("dirichlet", lam=0.0).fit(logits, y)
     strong = CALIBRATORS.create("dirichlet", lam=1e4, mu=1e4).fit(logits, y)
     off_free = np.abs(free.W - np.diag(np.diag(free.W))).sum()
     off_strong = np.abs(strong.W - np.diag(np.diag(strong.W))).sum()
@@ -149,11 +152,13 @@ def test_json_round_trip_and_one_d_scores(name):
     rng = np.random.default_rng(2)
     s = rng.normal(0, 2, 300)
     y = (rng.random(300) < 1 / (1 + np.exp(-s / 2))).astype(int)
-    cal = CALIBRATORS.create(name).fit(s, y)  # a 1-D gate/select score is the class-1 logit
-    p = cal.p1(s)
+    # a 1-D input is the class-1 logit, except for platt: a score in [0, 1] (a gate probability)
+    x = 1 / (1 + np.exp(-s)) if name == "platt" else s
+    cal = CALIBRATORS.create(name).fit(x, y)
+    p = cal.p1(x)
     assert p.shape == (300,) and np.all((p >= 0) & (p <= 1))
-    again = calibrator_from_dict(json.loads(json.dumps(cal.to_dict())))
-    np.testing.assert_array_equal(again.p1(s), p)
+    again = calibrator_from_dict(json.loads(json.dumps(cal.to_dict(), allow_nan=False)))
+    np.testing.assert_array_equal(again.p1(x), p)
     np.testing.assert_array_equal(as_logits(s)[:, 1], s)
 
 
