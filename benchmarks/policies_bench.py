@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stage1.policies import POLICIES  # noqa: E402
 from stage1.policies.audit import synthetic_scores  # noqa: E402
-from stage1.policies.calibrators import CALIBRATORS  # noqa: E402
+from stage1.policies.calibrators import CALIBRATORS, as_logits  # noqa: E402
 from stage1.policies.metrics import nll, selective_risks  # noqa: E402
 
 
@@ -149,8 +149,9 @@ def bench_calibrators(n: int, repeats: int, seed: int) -> dict[str, Any]:
     z, zt = cal["logits"][:, 1] - cal["logits"][:, 0], test["logits"][:, 1] - test["logits"][:, 0]
     out: dict[str, Any] = {"n": n, "raw_test_nll": nll(ty, 1 / (1 + np.exp(-zt)))}
     for name in ("temperature", "platt", "isotonic", "beta", "dirichlet", "matrix"):
-        c, sec = _timed(lambda name=name: CALIBRATORS.create(name).fit(z, y), repeats)
-        out[f"ours_{name}"] = {"fit_s": sec, "test_nll": nll(ty, c.p1(zt))}
+        # two-column logits: every calibrator reads them as logits (platt reads a 1-D input as a score in [0, 1])
+        c, sec = _timed(lambda name=name: CALIBRATORS.create(name).fit(as_logits(z), y), repeats)
+        out[f"ours_{name}"] = {"fit_s": sec, "test_nll": nll(ty, c.p1(as_logits(zt)))}
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.frozen import FrozenEstimator
     from sklearn.linear_model import LogisticRegression

@@ -143,6 +143,29 @@ def test_bad_spaces_are_refused_with_the_reason(tmp_path: Path, text: str, needl
     assert needle in str(exc.value) and str(p) in str(exc.value)
 
 
+@pytest.mark.parametrize("objective, policy, refused", [
+    ("fnr_exit", "[policy.crc]\nalpha = 0.02\n", True),  # crc bounds E[miss rate], never FNR_exit
+    ("miss_rate", "[policy.crc]\nalpha = 0.02\n", False),
+    ("selective_error", "[policy.ltt]\nrisk = 'fnr_exit'\n", True),  # fnr_exit alone: no false alarms
+    ("selective_error", "[policy.ltt]\nrisk = 'fnr_exit'\neps = 0.1\n", False),  # eps bounds them
+    ("fnr_exit", "[policy.ltt]\nrisk = { choices = ['miss_rate', 'fnr_exit'] }\n", False),
+    ("fnr_exit", "[policy.threshold]\n", False),  # a baseline certifies nothing and earns 0: allowed
+])
+def test_a_policy_certifying_another_risk_is_refused(tmp_path: Path, objective: str, policy: str,
+                                                      refused: bool) -> None:
+    from stage1.heads import HEADS
+    from stage1.policies import POLICIES
+
+    p = tmp_path / "s.toml"
+    p.write_text(f"[objective]\nrisk = '{objective}'\n[head.mlp]\nepochs = 1\n{policy}")
+    space = SearchSpace.load(p)
+    if refused:
+        with pytest.raises(ValueError, match=f"not the objective's risk {objective}"):
+            space.check_names(HEADS.names(), POLICIES.names())
+    else:
+        space.check_names(HEADS.names(), POLICIES.names())
+
+
 def test_space_resolution() -> None:
     assert resolve_space_path(None, "gate") == studies_dir() / "gate.toml"
     assert resolve_space_path(None, "my-study") == studies_dir() / "default.toml"

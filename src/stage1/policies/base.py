@@ -33,6 +33,10 @@ SCHEMA_VERSION = 1
 SCORES = ("p", "select")
 
 
+#: calibrators that read a selector score in [0, 1] as such (the others read 1-D input as a logit).
+SELECT_CALIBRATORS: tuple[str, ...] = ("platt", "isotonic")
+
+
 def _calibrator_names() -> list[str]:
     return CALIBRATORS.names()
 
@@ -44,8 +48,9 @@ BASE_PARAMS = Params(
     Param("calibrator_params", dict, {}, "Keyword arguments of the calibrator, e.g. {\"lam\": 1.0}.", optional=True),
     Param("score", str, "p", "What is thresholded: 'p' (calibrated max probability) or 'select' (the head's selector).",
           choices=SCORES),
-    Param("select_calibrator", str, None, "With score='select': calibrate the selector into P(correct) (platt, isotonic).",
-          choices=_calibrator_names, optional=True),
+    Param("select_calibrator", str, None, "With score='select': calibrate the selector score in [0, 1] into "
+          "P(correct); only platt (on its logit) and isotonic read such a score.",
+          choices=SELECT_CALIBRATORS, optional=True),
     Param("calib_fraction", float, None, "Share of val_calib that fits the calibrators, the rest certifies "
           "(None: 0.3 for certifying policies with a fitted calibrator, else 0).", low=0.0, high=1.0, high_open=True,
           optional=True),
