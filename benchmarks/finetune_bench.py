@@ -16,6 +16,14 @@ times a training step of each mode on a fixed batch (forward + backward + update
 forward pass (what extraction costs), as images per second and ratios.
 
     python benchmarks/finetune_bench.py [--json PATH] [--image-size 112] [--epochs 2] ...
+
+``--ablate-adapt`` instead measures adapt's objective options on a CPU-sized budget: adapt (1 epoch,
+the student's weights kept) on ``--n-adapt`` TraCon train images with the simplified DINO objective
+alone, with ``--multi-crop 2`` and with ``--ibot-weight 1``; then a logistic-regression probe on the
+clean CLS features of those images, scored on the held-out val.csv images (never adapted on), next
+to the base backbone's:
+
+    python benchmarks/finetune_bench.py --ablate-adapt [--n-adapt 128] [--image-size 112] [--json PATH]
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +51,7 @@ def cli(args: list[str]) -> str:
     """Run one product command in-process; raise with its output when it fails."""
     from click.testing import CliRunner
 
-    import cli as product
+    from stage1 import cli as product
 
     res = CliRunner().invoke(product.main, args)
     if res.exit_code != 0:
@@ -180,6 +189,137 @@ def step_throughput(backbone_dir: Path, image_size: int, batch: int, steps: int,
     return {k: round(v, 3) for k, v in out.items()}
 
 
+#: adapt's objective variants compared by ``--ablate-adapt`` (extra ``adapt`` options; None = no adapt)
+ABLATION: dict[str, list[str] | None] = {
+    "base": None,
+    "dino": [],
+    "dino+multicrop2": ["--multi-crop", "2"],
+    "dino+ibot1": ["--ibot-weight", "1"],
+}
+
+
+def clean_pixels(images: Path, entries: list[Any], backbone: Path, image_size: int) -> tuple[Any, Any]:
+    """The clean (view 0) pixels [n, 3, S, S] of ``entries`` as ``extract`` preprocesses them, and the labels."""
+    import numpy as np
+    import torch
+
+    from stage1.featstore.backbones import load_backbone
+    from stage1.featstore.preprocessing import Preprocessing
+    from stage1.finetune.data import ViewDataset, collect_items
+
+    items, quarantined, _ = collect_items(images, entries, image_size)
+    if quarantined:
+        raise RuntimeError(f"unreadable images: {quarantined[:3]}")
+    data = ViewDataset.from_preprocessing(items, Preprocessing.for_backbone(load_backbone(backbone), image_size))
+    return torch.stack([data[i][0][0] for i in range(len(data))]), np.array([it.label for it in items])
+
+
+def probe_quality(backbone: Path, x_train: Any, y_train: Any, x_test: Any, y_test: Any,
+                  base_test: Any | None = None) -> dict[str, Any]:
+    """Logistic-regression probe (standardised CLS features, C by 5-fold CV) fit on train, scored on test.
+
+    Returns test accuracy, AUROC and log loss, the features (to compare variants) and, given the
+    base backbone's test features, their mean cosine similarity to those (how far adapt moved them).
+    """
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from stage1.featstore.backbones import load_backbone
+
+    bb = load_backbone(backbone)
+    with torch.no_grad():
+        f_train, f_test = (torch.cat([bb.embed(x[i:i + 32]) for i in range(0, len(x), 32)]).numpy()
+                           for x in (x_train, x_test))
+    probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, cv=5, max_iter=5000, scoring="neg_log_loss"))
+    with warnings.catch_warnings():  # sklearn's notices of coming default changes
+        warnings.simplefilter("ignore", FutureWarning)
+        probe.fit(f_train, y_train)
+    p = probe.predict_proba(f_test)[:, 1]
+    out: dict[str, Any] = {
+        "accuracy": float(((p > 0.5) == y_test).mean()),
+        "auroc": float(roc_auc_score(y_test, p)),
+        "log_loss": float(log_loss(y_test, p, labels=[0, 1])),
+        "n_train": int(len(y_train)), "n_test": int(len(y_test)),
+    }
+    if base_test is not None:
+        a, b = f_test / np.linalg.norm(f_test, axis=1, keepdims=True), base_test / np.linalg.norm(base_test, axis=1, keepdims=True)
+        out["cosine_to_base"] = float((a * b).sum(1).mean())
+    out["_test_features"], out["_test_proba"] = f_test, p
+    return out
+
+
+def paired_bootstrap(y: Any, p_base: Any, p_variant: Any, n: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """95% intervals of (variant - base) test accuracy and AUROC over bootstrap resamples of the test images."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    acc, auc = [], []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        if len(set(y[i].tolist())) < 2:
+            continue
+        acc.append(((p_variant[i] > 0.5) == y[i]).mean() - ((p_base[i] > 0.5) == y[i]).mean())
+        auc.append(roc_auc_score(y[i], p_variant[i]) - roc_auc_score(y[i], p_base[i]))
+    return {k: [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]
+            for k, v in (("accuracy_diff_ci95", acc), ("auroc_diff_ci95", auc))}
+
+
+def ablate_adapt(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``--ablate-adapt``: probe quality after adapt with each objective option (see the module docstring)."""
+    import numpy as np
+
+    from stage1._core.io import read_json
+    from stage1.featstore.labels import parse_labels_csv
+
+    train_entries, _ = parse_labels_csv(args.images / "train.csv")
+    test_entries, _ = parse_labels_csv(args.images / "val.csv")
+    pick = np.random.default_rng(args.ablate_seed).permutation(len(train_entries))[: args.n_adapt]
+    adapt_entries = [train_entries[i] for i in sorted(pick)]
+    listing = work / "adapt_images.csv"
+    with open(listing, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows([e.path, ""] for e in adapt_entries)  # adapt is unsupervised: no labels given
+    t0 = time.perf_counter()
+    x_train, y_train = clean_pixels(args.images, adapt_entries, args.backbone, args.image_size)
+    x_test, y_test = clean_pixels(args.images, test_entries, args.backbone, args.image_size)
+    result: dict[str, Any] = {"decode_s": round(time.perf_counter() - t0, 1), "variants": {}}
+    base_test = None
+    for name, extra in ABLATION.items():
+        t0 = time.perf_counter()
+        backbone = args.backbone
+        record: dict[str, Any] = {}
+        if extra is not None:
+            backbone = work / f"adapted_{name}"
+            cli(["adapt", "--images", str(args.images), "--list", str(listing), "--backbone", str(args.backbone),
+                 "--out", str(backbone), "--epochs", str(args.adapt_epochs), "--keep", "student",
+                 "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+                 "--workers", str(args.workers), "--device", args.device, "--seed", "0", *extra])
+            hist = read_json(backbone / "provenance.json")["training"]["history"]
+            record.update(adapt_s=round(time.perf_counter() - t0, 1), train_loss=hist["train_loss"],
+                          step_loss=hist["step_loss"], step_ibot_loss=hist.get("step_ibot_loss"))
+        t1 = time.perf_counter()
+        probe = probe_quality(backbone, x_train, y_train, x_test, y_test, base_test)
+        proba = probe.pop("_test_proba")
+        features = probe.pop("_test_features")
+        if base_test is None:
+            base_test, base_proba = features, proba
+        else:
+            probe.update(paired_bootstrap(y_test, base_proba, proba))
+        record.update(probe=probe, probe_s=round(time.perf_counter() - t1, 1))
+        result["variants"][name] = record
+        print(f"{name:<16} acc {probe['accuracy']:.3f}  auroc {probe['auroc']:.4f}  log loss {probe['log_loss']:.4f}"
+              + (f"  cos to base {probe['cosine_to_base']:.4f}" if "cosine_to_base" in probe else "")
+              + (f"  auroc - base 95% CI {probe['auroc_diff_ci95']}" if "auroc_diff_ci95" in probe else "")
+              + (f"  adapt {record['adapt_s']} s" if "adapt_s" in record else ""), flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None, help="Write the figures here as one JSON object.")
@@ -202,11 +342,28 @@ def main() -> None:
                     help="Which adapt weights to export (short runs barely move the EMA teacher).")
     ap.add_argument("--skip-explora", action="store_true", help="Skip finetune-on-adapted (saves time).")
     ap.add_argument("--skip-finetune", action="store_true", help="Only base and adapted (saves time).")
+    ap.add_argument("--ablate-adapt", action="store_true",
+                    help="Compare adapt's objective options by a probe on held-out images (see above).")
+    ap.add_argument("--n-adapt", type=int, default=128, help="--ablate-adapt: train images adapted on and probed.")
+    ap.add_argument("--ablate-seed", type=int, default=0, help="--ablate-adapt: seed of the image subset.")
     args = ap.parse_args()
     import torch
 
     work = args.work or Path(tempfile.mkdtemp(prefix="finetune_bench_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.ablate_adapt:
+        t_all = time.perf_counter()
+        ablation = ablate_adapt(args, work)
+        ablation.update(settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
+                        machine={"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                 "load_avg": os.getloadavg()[0]},
+                        total_s=round(time.perf_counter() - t_all, 1))
+        print(f"total {ablation['total_s']} s (CPU shared with other jobs)")
+        if args.json:
+            from stage1._core.io import atomic_write_json, json_safe
+
+            atomic_write_json(args.json, json_safe(ablation))
+        return
     labels = labels_csv(args.images, work)
     common = ["--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
               "--workers", str(args.workers), "--device", args.device]

@@ -149,3 +149,40 @@ def test_bad_input_gives_one_line_errors(labelled: Path, tiny_backbone_dir: Path
     code, output, *_ = _invoke([*base, "--out", str(tmp_path / "g"), "--head-param", "widht=3", *TINY])
     assert code == 2 and "no hyperparameter(s) widht" in output
     assert not any((tmp_path / name).exists() for name in "abcdefg")  # nothing half-written
+
+
+def test_finetune_accepts_lion_and_names_the_optimizers_otherwise(labelled: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    base = ["finetune", "--images", str(labelled), "--labels", str(labelled / "labels.csv"),
+            "--backbone", str(tiny_backbone_dir), "--epochs", "1", "--head-param", "hidden=8", *TINY]
+    code, output, _ = _invoke([*base, "--out", str(tmp_path / "lion"), "--optimizer", "lion", "--lr", "2e-5",
+                               "--weight-decay", "0.1"])
+    assert code == 0, output
+    training = read_json(tmp_path / "lion" / "provenance.json")["training"]
+    assert training["optimizer"] == "lion" and training["lr"] == 2e-5 and training["weight_decay"] == 0.1
+    assert _changed(tiny_backbone_dir, tmp_path / "lion")  # Lion stepped the adapters
+    code, output, _ = _invoke([*base, "--out", str(tmp_path / "sgd"), "--optimizer", "sgd"])
+    assert code == 2 and "unknown optimizer 'sgd'; choose one of: adamw, fsam, lion" in output
+    assert not (tmp_path / "sgd").exists()
+    help_text = "".join(_invoke(["finetune", "--help"])[1].split())
+    assert "adamw,fsam,lion" in help_text and "3-10xsmallerlearningrate" in help_text
+
+
+def test_adapt_accepts_multi_crop_and_ibot(labelled: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adapted"
+    code, output, *_ = _invoke(["adapt", "--images", str(labelled), "--backbone", str(tiny_backbone_dir),
+                                "--out", str(out), "--epochs", "1", "--out-dim", "32", "--head-warmup", "0",
+                                "--keep", "student", "--lr", "1e-3", "--multi-crop", "2", "--ibot-weight", "0.5",
+                                *TINY])
+    assert code == 0, output
+    prov = read_json(out / "provenance.json")
+    assert prov["training"]["multi_crop"] == 2 and prov["training"]["ibot_weight"] == 0.5
+    assert prov["method"]["local_crop_size"] == 16
+    assert "2 student-only local crops" in prov["method"]["objective"] and "iBOT" in prov["method"]["objective"]
+    assert len(prov["training"]["history"]["step_ibot_loss"]) == len(prov["training"]["history"]["step_loss"])
+    assert "embeddings.mask_token" in _changed(tiny_backbone_dir, out)  # iBOT trains the mask token
+    help_text = "".join(_invoke(["adapt", "--help"])[1].split())  # (help wraps lines at hyphens too)
+    assert "simplifiedDINOobjective" in help_text and "CLS-tokenself-distillationonly" in help_text
+    assert "noiBOTmasked-patchlossandnomulti-crop" in help_text
+    code, output, *_ = _invoke(["adapt", "--images", str(labelled), "--backbone", str(tiny_backbone_dir),
+                                "--out", str(tmp_path / "bad"), "--multi-crop", "-1", *TINY])
+    assert code == 2 and "--multi-crop" in output

@@ -1,6 +1,7 @@
 """F-SAM: the perturbation uses g - sigma * EMA(g) and the update is a correct two-step SAM update.
 
-Also the two other shared optimisation pieces: ``sam_step`` (one update, with or without F-SAM)
+Also the other shared optimisation pieces: the ``OPTIMIZERS`` registry (adamw, fsam, lion; Lion is
+lion-pytorch's and must step exactly as it does), ``sam_step`` (one update, with or without F-SAM)
 and ``lr_factor`` (warmup + cosine schedule).
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from stage1.heads.optim import FSAM, lr_factor, sam_step
+from stage1._core.errors import UnknownNameError
+from stage1.heads.optim import FSAM, OPTIMIZERS, lr_factor, sam_step
 
 A = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, -0.3], [0.0, -0.3, 3.0]])
 B = torch.tensor([1.0, -2.0, 0.5])
@@ -163,3 +165,87 @@ def test_lr_factor_rises_then_falls_monotonically(warmup_frac: float, min_ratio:
 def test_lr_factor_peak_scales_the_schedule() -> None:
     for step in (0, 4, 50, 99):
         assert lr_factor(step, 100, 0.05, 0.01, peak=0.003) == pytest.approx(0.003 * lr_factor(step, 100, 0.05, 0.01))
+
+
+# -- the registry -------------------------------------------------------------------------------------
+def _tiny_problem(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x = torch.randn(32, 5)
+    return model, x, (x[:, 0] > 0).long()
+
+
+def _train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 steps: int = 6) -> list[torch.Tensor]:
+    """``steps`` updates through ``sam_step`` with a changing lr (as the loops' schedule does)."""
+    params = list(model.parameters())
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = group.setdefault("peak", group["lr"]) * lr_factor(step, steps, 0.3, 0.1)
+
+        def closure() -> torch.Tensor:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        sam_step(opt, closure, params, grad_clip=0.0)
+    return [p.detach().clone() for p in params]
+
+
+def test_registry_has_the_three_optimizers() -> None:
+    assert OPTIMIZERS.names() == ["adamw", "fsam", "lion"]
+
+
+@pytest.mark.parametrize("groups", [False, True])
+def test_lion_from_the_registry_steps_exactly_as_lion_pytorch(groups: bool) -> None:
+    from lion_pytorch import Lion
+
+    def params_of(model: torch.nn.Module) -> list:
+        if not groups:
+            return list(model.parameters())
+        return [{"params": model[0].parameters(), "lr": 2e-3}, {"params": model[2].parameters()}]
+
+    model_a, x, y = _tiny_problem()
+    model_b, _, _ = _tiny_problem()
+    opt_a = OPTIMIZERS.create("lion", params=params_of(model_a), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98))
+    opt_b = Lion(params_of(model_b), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98))
+    assert isinstance(opt_a, Lion)
+    after_a, after_b = _train_steps(model_a, opt_a, x, y), _train_steps(model_b, opt_b, x, y)
+    start = [p.detach() for p in _tiny_problem()[0].parameters()]
+    assert any(not torch.equal(a, s) for a, s in zip(after_a, start))  # it did move
+    for a, b in zip(after_a, after_b):
+        assert torch.equal(a, b)
+
+
+def test_lion_defaults_are_lion_pytorchs_and_settings_are_not_rescaled() -> None:
+    model, _, _ = _tiny_problem()
+    opt = OPTIMIZERS.create("lion", params=model.parameters(), lr=3e-4, weight_decay=0.3)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"], tuple(group["betas"])) == (3e-4, 0.3, (0.9, 0.99))
+
+
+def test_one_lion_step_moves_every_weight_by_lr_times_the_sign() -> None:
+    """Lion's defining update on the first step (zero momentum): w -= lr * (sign((1 - b1) g) + wd w)."""
+    w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    opt = OPTIMIZERS.create("lion", params=[w], lr=0.01, weight_decay=0.5)
+    (w * torch.tensor([3.0, -0.2, 0.0])).sum().backward()
+    opt.step()
+    expected = torch.tensor([0.5, -1.0, 2.0]) * (1 - 0.01 * 0.5) - 0.01 * torch.tensor([1.0, -1.0, 0.0])
+    torch.testing.assert_close(w.detach(), expected)
+
+
+@pytest.mark.parametrize("name", ["adamw", "fsam"])
+def test_adamw_and_fsam_from_the_registry_are_the_direct_constructions(name: str) -> None:
+    model_a, x, y = _tiny_problem()
+    model_b, _, _ = _tiny_problem()
+    opt_a = OPTIMIZERS.create(name, params=model_a.parameters(), lr=1e-2, weight_decay=0.05, rho=0.1, fused=True)
+    kw = dict(lr=1e-2, weight_decay=0.05, fused=True)
+    opt_b = (FSAM(model_b.parameters(), torch.optim.AdamW, rho=0.1, **kw) if name == "fsam"
+             else torch.optim.AdamW(model_b.parameters(), **kw))
+    for a, b in zip(_train_steps(model_a, opt_a, x, y), _train_steps(model_b, opt_b, x, y)):
+        assert torch.equal(a, b)
+
+
+def test_unknown_optimizer_lists_the_names() -> None:
+    with pytest.raises(UnknownNameError, match="unknown optimizer 'sgd'; choose one of: adamw, fsam, lion"):
+        OPTIMIZERS.get("sgd")

@@ -1,4 +1,5 @@
-"""CLI: ``finetune`` (supervised LoRA / DoRA with a head) and ``adapt`` (ExPLoRA self-supervised).
+"""CLI: ``finetune`` (supervised LoRA / DoRA with a head) and ``adapt`` (ExPLoRA-style self-supervised,
+a simplified DINO objective).
 
 Module-level imports stay light (click, stdlib): torch, transformers and peft load inside the
 commands, so ``stage1 --help`` stays fast.
@@ -13,9 +14,9 @@ import click
 
 from stage1.cli.errors import command
 from stage1.cli.options import batch_size_option, device_option, image_size_option, seed_option, workers_option
+from stage1.cli.params import lazy_help_option
 
 PEFT_CHOICES = ("lora", "dora")
-OPTIMIZER_CHOICES = ("adamw", "fsam")
 LORA_ON_CHOICES = ("qv", "attention", "all")
 KEEP_CHOICES = ("teacher", "student")
 
@@ -28,6 +29,13 @@ def _levels(value: str) -> tuple[int, ...]:
     if not levels or any(lv not in (0, 1, 2, 3) for lv in levels):
         raise click.BadParameter(f"{value!r}: levels must be from 0-3, e.g. 1,2,3")
     return levels
+
+
+def _optimizer_help() -> str:
+    """Help of ``--optimizer``: the registered names and what each is (read when help is shown)."""
+    from stage1.heads.optim import OPTIMIZER_HELP, OPTIMIZERS
+
+    return f"One of {', '.join(OPTIMIZERS.names())}. {OPTIMIZER_HELP}"
 
 
 def _runtime_options(f: Any) -> Any:
@@ -74,8 +82,7 @@ def _runtime_options(f: Any) -> Any:
               help="Head from stage1.heads/ trained jointly (e.g. mlp; gate needs --head-param gate_target=in_sample).")
 @click.option("--head-param", "head_param", multiple=True, metavar="KEY=VALUE",
               help="Head hyperparameter (repeatable), e.g. --head-param hidden=128.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZER_CHOICES), default="adamw", show_default=True,
-              help="AdamW, or AdamW inside F-SAM (heads.optim.FSAM; two passes per step).")
+@lazy_help_option("--optimizer", default="adamw", show_default=True, help_fn=lambda: _optimizer_help())
 @click.option("--fsam-rho", type=click.FloatRange(min=0.0), default=0.05, show_default=True)
 @click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True,
               help="Stop after this many epochs without a better val_select AUGRC.")
@@ -149,14 +156,24 @@ def finetune(**kw: Any) -> None:
 @click.option("--keep", type=click.Choice(KEEP_CHOICES), default="teacher", show_default=True,
               help="Export the EMA teacher's weights (DINO practice) or the student's.")
 @click.option("--aug-levels", default="1,2,3", show_default=True,
-              help="Store view distortion levels the two views are drawn from (featstore.views).")
+              help="Store view distortion levels the views are drawn from (featstore.views).")
+@click.option("--multi-crop", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DINO multi-crop: N extra local crops per image (about 3/7 of --image-size, 1-40% of the "
+                   "image), seen by the student only. Experimental: not shown to help in our measurement.")
+@click.option("--ibot-weight", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Weight of the iBOT masked-patch term (0 = off): the student's global views get 10-50% of "
+                   "their patches (on half of the views) replaced by the mask token, and a patch head learns "
+                   "the teacher's patch-token distributions there; the mask token trains too. Needs a backbone "
+                   "with bool_masked_pos (Dinov2, DINOv3). Experimental: not shown to help in our measurement.")
 def adapt(**kw: Any) -> None:
     """ExPLoRA-style continued self-supervised pretraining on unlabelled images.
 
-    The last --unfreeze blocks train fully, LoRA (--lora-rank) adapts the other blocks, and a DINO
-    objective distils an EMA teacher into the student across two validator-style distorted views
-    (projection head, centring, sharpening). Writes --out like finetune (merged weights +
-    provenance.json), a valid --backbone for extract or for a following finetune.
+    The last --unfreeze blocks train fully, LoRA (--lora-rank) adapts the other blocks, and a
+    simplified DINO objective distils an EMA teacher into the student: CLS-token self-distillation
+    only (projection head, centring, sharpening) across two validator-style distorted global views;
+    no iBOT masked-patch loss and no multi-crop unless --ibot-weight / --multi-crop add them.
+    Writes --out like finetune (merged weights + provenance.json), a valid --backbone for extract
+    or for a following finetune.
     """
     from .pipeline import AdaptJob, run_adapt
     from .selfsup import AdaptConfig
@@ -164,7 +181,8 @@ def adapt(**kw: Any) -> None:
     train = AdaptConfig(
         epochs=kw["epochs"], lr=kw["lr"], head_lr=kw["head_lr"], batch_size=kw["batch_size"],
         head_warmup_frac=kw["head_warmup"], out_dim=kw["out_dim"], student_temp=kw["student_temp"],
-        teacher_temp=kw["teacher_temp"], ema=kw["ema"], keep=kw["keep"], seed=kw["seed"], workers=kw["workers"],
+        teacher_temp=kw["teacher_temp"], ema=kw["ema"], keep=kw["keep"], multi_crop=kw["multi_crop"],
+        ibot_weight=kw["ibot_weight"], seed=kw["seed"], workers=kw["workers"],
     )
     job = AdaptJob(
         images=kw["images"], backbone=kw["backbone"], out=kw["out"], image_size=kw["image_size"],

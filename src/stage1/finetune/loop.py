@@ -1,7 +1,7 @@
 """Pieces both training loops share: CLS features, AMP / checkpointing, optimiser, the step loop.
 
-The LR schedule, the F-SAM optimiser and its update step are the heads trainer's
-(``heads.optim.lr_factor``, ``FSAM``, ``sam_step``): one implementation each across the project.
+The optimisers, the LR schedule and the (F-SAM) update step are the heads trainer's
+(``heads.optim.OPTIMIZERS``, ``lr_factor``, ``sam_step``): one implementation each across the project.
 """
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from stage1.heads.optim import FSAM, lr_factor, sam_step
+from stage1.heads.optim import OPTIMIZERS, lr_factor, sam_step
 
 from .adapters import base_model
-from stage1._core.errors import ConfigError, UnknownNameError
+from stage1._core.errors import ConfigError
 
-OPTIMIZERS = ("adamw", "fsam")
 #: the cosine schedule ends at this fraction of each group's learning rate
 MIN_LR_RATIO = 0.01
 
@@ -89,13 +88,16 @@ def cls_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 def build_optimizer(
     groups: Sequence[dict], name: str, *, weight_decay: float, rho: float = 0.05
 ) -> torch.optim.Optimizer:
-    """AdamW, or AdamW inside the project's F-SAM; each group's ``base_lr`` is kept for the schedule."""
-    if name not in OPTIMIZERS:
-        raise UnknownNameError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    """The optimiser ``name`` of ``heads.optim.OPTIMIZERS`` over ``groups`` (dicts with ``params``, ``lr``).
+
+    Empty groups are dropped; each group's ``lr`` is kept as ``base_lr`` for the schedule. AdamW runs
+    torch's default kernel here (the fine-tuning loops always did). UnknownNameError for a bad name.
+    """
+    factory = OPTIMIZERS.get(name)  # fails before any work, listing the names
     param_groups = [{"params": list(g["params"]), "lr": g["lr"], "base_lr": g["lr"]} for g in groups if list(g["params"])]
-    if name == "fsam":
-        return FSAM(param_groups, torch.optim.AdamW, rho=rho, weight_decay=weight_decay)
-    return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+    if not param_groups:
+        raise ConfigError("nothing to train: every parameter group is empty")
+    return factory(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay, rho=rho)
 
 
 class StepLoop:

@@ -1,5 +1,9 @@
 """End to end ``finetune`` and ``adapt``: list and check images, attach adapters, train, merge, save.
 
+``adapt`` is ExPLoRA-style continued pretraining with a simplified DINO objective (CLS-token
+self-distillation only, two global views; no iBOT masked-patch loss, no multi-crop unless its
+experimental options ask for them; see ``selfsup``).
+
 Fine-tuning trains on the ``train`` split and stops early on ``val_select`` of the same
 deterministic split the store uses (``featstore.splits.make_splits`` on content hashes with the
 same seed and fractions), so val_calib and test images are never seen and a store extracted with
@@ -17,10 +21,10 @@ import torch
 from stage1.featstore.preprocessing import Preprocessing
 
 from .adapters import AdapterSpec, attach, merge, trainable
-from .data import Item, ViewDataset, collect_items, content_sha256
+from .data import Item, ViewDataset, collect_items, content_sha256, local_size_for
 from .loop import Runtime, cls_features, enable_checkpointing
 from .output import check_out_dir, parent_record, save_adapted
-from .selfsup import AdaptConfig, train_selfsup
+from .selfsup import AdaptConfig, mask_token_name, objective_text, train_selfsup
 from .supervised import SupervisedConfig, train_supervised
 from .targets import block_indices, block_parameter_names, find_blocks, linear_targets, norm_parameter_names
 
@@ -64,7 +68,8 @@ class FinetuneJob(Common):
 
 @dataclass
 class AdaptJob(Common):
-    """``adapt``: ExPLoRA continued pretraining (last ``unfreeze`` blocks full, LoRA on the others)."""
+    """``adapt``: ExPLoRA continued pretraining (last ``unfreeze`` blocks full, LoRA on the others) with a
+    simplified DINO objective (``train``: ``selfsup.AdaptConfig``)."""
 
     image_list: str | None = None
     unfreeze: int = 1
@@ -206,7 +211,10 @@ def run_finetune(job: FinetuneJob) -> dict[str, Any]:
 
 
 def run_adapt(job: AdaptJob) -> dict[str, Any]:
-    """ExPLoRA-style self-supervised adaptation, merge and save; returns the provenance summary."""
+    """ExPLoRA-style self-supervised adaptation (simplified DINO), merge and save; returns the provenance summary.
+
+    With ``--ibot-weight`` the backbone's mask token trains too (iBOT learns its [MASK] embedding).
+    """
     from stage1.featstore.labels import list_images, parse_labels_csv
 
     backbone, prep, out = _prepare(job)
@@ -223,13 +231,18 @@ def run_adapt(job: AdaptJob) -> dict[str, Any]:
     unfrozen = block_parameter_names(model, unfrozen_idx)
     if job.train_norms:
         unfrozen += [p for p in norm_parameter_names(model) if p not in set(unfrozen)]
+    if job.train.ibot_weight > 0:
+        mask_token = mask_token_name(model)
+        unfrozen += [mask_token] if mask_token not in set(unfrozen) else []
     spec = AdapterSpec("lora", job.lora_rank, job.lora_alpha, job.lora_dropout,
                        linear_targets(model, lora_idx, job.lora_on), unfrozen)
     torch.manual_seed(job.train.seed)
     peft_model = attach(model, spec)
     rt = Runtime.resolve(job.device, job.amp, job.grad_checkpointing)
     peft_model.to(rt.device)
-    data = ViewDataset.from_preprocessing(items, prep, seed=job.train.seed, n_views=2, levels=job.levels)
+    local_size = local_size_for(job.image_size, backbone.patch_size) if job.train.multi_crop else None
+    data = ViewDataset.from_preprocessing(items, prep, seed=job.train.seed, n_views=2, levels=job.levels,
+                                          n_local=job.train.multi_crop, local_size=local_size)
     enable_checkpointing(peft_model, rt.grad_checkpointing)
     n_trainable = sum(p.numel() for p in trainable(peft_model).values())
     history = train_selfsup(peft_model, backbone.hidden_size, data, job.train, rt, show_progress=job.progress)
@@ -240,7 +253,8 @@ def run_adapt(job: AdaptJob) -> dict[str, Any]:
         "parent": parent_record(backbone),
         "method": {
             "name": "explora-dino",
-            "objective": "DINO CLS self-distillation (EMA teacher, centring, sharpening), two views",
+            "objective": objective_text(job.train),
+            "local_crop_size": local_size,
             "unfreeze": job.unfreeze,
             "unfrozen_blocks": unfrozen_idx,
             "lora_blocks": lora_idx,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from stage1.heads.early_stopping import EarlyStopping, validation_objective
+from stage1.heads.optim import OPTIMIZERS
 from stage1.heads.trainer import LossFn, ScoreFn
 
 from .adapters import trainable
@@ -32,6 +33,8 @@ class SupervisedConfig:
     batch_size: int = 16
     warmup_frac: float = 0.1
     grad_clip: float = 1.0
+    #: a name of ``heads.optim.OPTIMIZERS`` (adamw, fsam, lion); lion usually wants ``lr`` / ``head_lr``
+    #: 3-10x smaller and ``weight_decay`` 3-10x larger than AdamW (not rescaled for you).
     optimizer: str = "adamw"
     fsam_rho: float = 0.05
     patience: int = 2
@@ -45,6 +48,7 @@ class SupervisedConfig:
             raise ConfigError(f"epochs and batch size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if self.lr <= 0 or self.head_lr <= 0:
             raise ConfigError("learning rates must be > 0")
+        OPTIMIZERS.get(self.optimizer)  # UnknownNameError listing the optimisers, before any work
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from torch import nn
 from stage1._core.errors import ConfigError, DataError
 from stage1._core.params import Param, Params
 
+from .optim import OPTIMIZER_HELP, OPTIMIZERS
 from .trainer import SELECT_METRICS, TrainConfig, TrainResult, predict_outputs, train_module
 
 SCHEMA_VERSION = 1
@@ -33,14 +34,16 @@ VIEW_MODES = ("sample", "all")
 _TRAINER_DECL: dict[str, dict[str, Any]] = {
     "epochs": dict(help="Maximum epochs.", low=1),
     "batch_size": dict(help="Rows per step.", low=2),
-    "lr": dict(help="AdamW peak learning rate (linear warmup, cosine decay).", low=0.0, low_open=True),
-    "weight_decay": dict(help="AdamW weight decay.", low=0.0),
+    "lr": dict(help="Peak learning rate (linear warmup, cosine decay); Lion usually wants 3-10x less than AdamW.",
+               low=0.0, low_open=True),
+    "weight_decay": dict(help="Decoupled weight decay; Lion usually wants 3-10x more than AdamW.", low=0.0),
     "warmup_frac": dict(help="Share of the steps that warm the learning rate up.", low=0.0, high=1.0),
     "min_lr_ratio": dict(help="Final learning rate as a share of the peak.", low=0.0, high=1.0),
     "ema_decay": dict(help="EMA of the weights (0 = off); the EMA copy is evaluated and kept.",
                       low=0.0, high=1.0, high_open=True),
     "grad_clip": dict(help="Clip the gradient norm (0 = off).", low=0.0),
-    "fsam": dict(help="Friendly-SAM two-step updates around AdamW."),
+    "optimizer": dict(help="Optimiser. " + OPTIMIZER_HELP, choices=OPTIMIZERS.names),
+    "fsam": dict(help="Older switch for optimizer=fsam (Friendly-SAM two-step updates around AdamW)."),
     "fsam_rho": dict(help="F-SAM perturbation radius (with fsam).", low=0.0),
     "fsam_sigma": dict(help="F-SAM: weight of the gradient's running mean removed before perturbing.", low=0.0),
     "fsam_lmbda": dict(help="F-SAM: EMA decay of the gradient's running mean.", low=0.0, high=1.0, high_open=True),

@@ -10,17 +10,31 @@ stochastic gradients and perturbs along the remainder ``g - sigma * m`` (the bat
     e_t   = rho * d_t / ||d_t||
     w    <- w + e_t ; second forward/backward at w + e_t ; w <- w ; base optimizer step.
 
-This is the one F-SAM implementation of the project, with the two other optimisation pieces both
-training loops (heads on cached features, full-image fine-tuning) share: ``sam_step``, one update
-with or without F-SAM's second pass, and ``lr_factor``, the warmup + cosine learning-rate schedule.
+This module is the one home of the project's optimisers, shared by both training loops (heads on
+cached features, full-image fine-tuning):
+
+* ``OPTIMIZERS``: the optimisers by name (``adamw``, ``fsam``, ``lion``), every factory with one
+  signature (``OptimizerFactory``), so a loop builds whichever is asked for without an ``if`` chain;
+* ``FSAM``: the one F-SAM implementation (above);
+* ``sam_step``: one update, with or without F-SAM's second pass;
+* ``lr_factor``: the warmup + cosine learning-rate schedule.
+
+Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") is the ``lion-pytorch``
+package's implementation, not a copy. Its update is the *sign* of an interpolated momentum, so every
+coordinate moves by about ``lr`` per step (AdamW's move by up to ``lr``): the usual practice is a
+learning rate 3-10x smaller and a weight decay 3-10x larger than AdamW's. Nothing here rescales
+the values given: ``optimizer=lion`` with AdamW's settings takes bigger steps than AdamW does.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 
 import torch
 from torch import nn
+
+from stage1._core.errors import EnvironmentProblem
+from stage1._core.registry import Registry
 
 
 class FSAM(torch.optim.Optimizer):
@@ -152,3 +166,88 @@ def lr_factor(step: int, total: int, warmup_frac: float, min_ratio: float, *, pe
     progress = (step - warm) / max(1, total - warm)
     floor = peak * min_ratio
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- the optimisers by name -------------------------------------------------------------------------
+#: what an optimiser is built on: parameters, or param groups (dicts with "params" and per-group keys
+#: such as "lr"; a group's own "lr" overrides the factory's ``lr``).
+ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+#: one line per optimiser, for help texts (the CLI's ``--optimizer``, the heads' ``optimizer``).
+OPTIMIZER_HELP = (
+    "adamw: AdamW. fsam: AdamW inside Friendly-SAM (two forward/backward passes per step; rho sets "
+    "the radius). lion: Lion (lion-pytorch), sign-of-momentum updates; it usually wants a 3-10x "
+    "smaller learning rate and a 3-10x larger weight decay than AdamW, and the values given are "
+    "used as they are (not rescaled)."
+)
+
+
+class OptimizerFactory(Protocol):
+    """The one signature of every registered optimiser factory.
+
+    ``params``: parameters or param groups. ``lr`` / ``weight_decay``: the defaults of every group.
+    ``rho`` / ``sigma`` / ``lmbda``: F-SAM's radius, EMA weight and EMA decay (used by ``fsam``).
+    ``betas``: the momentum coefficients (None: the optimiser's own defaults, AdamW (0.9, 0.999),
+    Lion (0.9, 0.99)). ``fused``: AdamW's fused CPU kernel where this torch has it (the heads
+    trainer's choice; a different kernel can differ in the last bits, so each loop keeps its own).
+    Settings an optimiser has no use for are ignored.
+    """
+
+    def __call__(self, params: ParamsT, *, lr: float, weight_decay: float, rho: float = 0.05,
+                 sigma: float = 1.0, lmbda: float = 0.9, betas: tuple[float, float] | None = None,
+                 fused: bool = False) -> torch.optim.Optimizer: ...
+
+
+#: optimisers by name; ``OPTIMIZERS.create(name, params=..., lr=..., weight_decay=...)`` builds one.
+OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer")
+
+
+def _adamw_kwargs(lr: float, weight_decay: float, betas: tuple[float, float] | None, fused: bool) -> dict[str, Any]:
+    """Keyword arguments of ``torch.optim.AdamW`` (the fused kernel, else foreach, when ``fused``)."""
+    kwargs: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay)
+    if betas is not None:
+        kwargs["betas"] = tuple(betas)
+    if fused:
+        kwargs.update(_adamw_kernel())
+    return kwargs
+
+
+def _adamw_kernel() -> dict[str, bool]:
+    """The fused CPU AdamW kernel (one pass over the weights) where this torch has it."""
+    try:
+        torch.optim.AdamW([nn.Parameter(torch.zeros(1))], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError, ValueError):  # pragma: no cover - older torch
+        return {"foreach": True}
+
+
+@OPTIMIZERS.register("adamw")
+def make_adamw(params: ParamsT, *, lr: float, weight_decay: float, rho: float = 0.05, sigma: float = 1.0,
+               lmbda: float = 0.9, betas: tuple[float, float] | None = None,
+               fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay; Loshchilov & Hutter 2019), torch's implementation."""
+    return torch.optim.AdamW(params, **_adamw_kwargs(lr, weight_decay, betas, fused))
+
+
+@OPTIMIZERS.register("fsam")
+def make_fsam(params: ParamsT, *, lr: float, weight_decay: float, rho: float = 0.05, sigma: float = 1.0,
+              lmbda: float = 0.9, betas: tuple[float, float] | None = None,
+              fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW inside F-SAM (``FSAM``): two forward / backward passes per step (``sam_step``)."""
+    return FSAM(params, torch.optim.AdamW, rho=rho, sigma=sigma, lmbda=lmbda,
+                **_adamw_kwargs(lr, weight_decay, betas, fused))
+
+
+@OPTIMIZERS.register("lion")
+def make_lion(params: ParamsT, *, lr: float, weight_decay: float, rho: float = 0.05, sigma: float = 1.0,
+              lmbda: float = 0.9, betas: tuple[float, float] | None = None,
+              fused: bool = False) -> torch.optim.Optimizer:
+    """Lion (``lion_pytorch.Lion``): ``w -= lr * (sign(b1 * m + (1 - b1) * g) + wd * w)``, then
+    ``m = b2 * m + (1 - b2) * g``. Use a 3-10x smaller ``lr`` and 3-10x larger ``weight_decay``
+    than for AdamW (not done for you)."""
+    try:
+        from lion_pytorch import Lion
+    except ImportError:  # pragma: no cover - the package is a declared dependency
+        raise EnvironmentProblem("optimizer 'lion' needs the lion-pytorch package: pip install lion-pytorch") from None
+    kwargs: dict[str, Any] = {} if betas is None else {"betas": tuple(betas)}
+    return Lion(params, lr=lr, weight_decay=weight_decay, **kwargs)

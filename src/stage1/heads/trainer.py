@@ -1,10 +1,11 @@
 """The one training loop for heads on cached features (features already in RAM as tensors).
 
-AdamW (optionally wrapped in F-SAM), linear warmup + cosine decay, an EMA of the weights (the EMA
-copy is what gets evaluated and kept), gradient clipping, and early stopping on val_select by a
-selective objective computed from the head's own ``select`` score. Seeded: the same seed, data and
-thread count give bit-identical weights. The F-SAM step and the schedule (``optim``) and the
-early-stopping bookkeeping (``early_stopping``) are the ones full-image fine-tuning uses too.
+An optimiser from ``optim.OPTIMIZERS`` (AdamW, AdamW inside F-SAM, or Lion), linear warmup + cosine
+decay, an EMA of the weights (the EMA copy is what gets evaluated and kept), gradient clipping, and
+early stopping on val_select by a selective objective computed from the head's own ``select`` score.
+Seeded: the same seed, data and thread count give bit-identical weights. The optimisers, the F-SAM
+step and the schedule (``optim``) and the early-stopping bookkeeping (``early_stopping``) are the
+ones full-image fine-tuning uses too.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch
 from torch import nn
 
 from .early_stopping import SELECT_METRICS, EarlyStopping, validation_objective
-from .optim import FSAM, lr_factor, sam_step
+from stage1._core.errors import ConfigError
+
+from .optim import OPTIMIZERS, lr_factor, sam_step
 
 LossFn = Callable[..., torch.Tensor]
 ScoreFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -35,6 +38,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     ema_decay: float = 0.99
     grad_clip: float = 1.0
+    #: a name of ``optim.OPTIMIZERS``: adamw, fsam (AdamW inside F-SAM) or lion. Lion usually wants
+    #: ``lr`` 3-10x smaller and ``weight_decay`` 3-10x larger than AdamW; they are not rescaled.
+    optimizer: str = "adamw"
+    #: the older switch for ``optimizer="fsam"`` (True turns an ``adamw`` into ``fsam``), kept so
+    #: saved heads and ``--fsam`` keep their meaning; ``__post_init__`` folds it into ``optimizer``.
     fsam: bool = False
     fsam_rho: float = 0.05
     fsam_sigma: float = 1.0
@@ -61,6 +69,12 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        OPTIMIZERS.get(self.optimizer)  # UnknownNameError listing the optimisers
+        if self.fsam:
+            if self.optimizer not in ("adamw", "fsam"):
+                raise ConfigError(f"fsam=True means optimizer='fsam'; it cannot be combined with "
+                                  f"optimizer={self.optimizer!r}")
+            self.optimizer = "fsam"
 
 
 @dataclass
@@ -81,15 +95,6 @@ class TrainResult:
             "train_loss": [round(v, 6) for v in self.train_loss],
             "val_objective": [round(v, 6) for v in self.val_objective],
         }
-
-
-def _adamw_impl() -> dict[str, bool]:
-    """The fused CPU AdamW kernel (one pass over the weights) where this torch has it."""
-    try:
-        torch.optim.AdamW([nn.Parameter(torch.zeros(1))], fused=True)
-        return {"fused": True}
-    except (RuntimeError, TypeError, ValueError):  # pragma: no cover - older torch
-        return {"foreach": True}
 
 
 def _as_views(x: torch.Tensor) -> torch.Tensor:
@@ -153,12 +158,9 @@ def _train(module: nn.Module, loss_fn: LossFn, score_fn: ScoreFn, x: torch.Tenso
     extras = extras or {}
     gen = torch.Generator().manual_seed(int(cfg.seed))
     params = [p for p in module.parameters() if p.requires_grad]
-    adamw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, **_adamw_impl())
-    if cfg.fsam:
-        opt: torch.optim.Optimizer = FSAM(params, torch.optim.AdamW, rho=cfg.fsam_rho,
-                                          sigma=cfg.fsam_sigma, lmbda=cfg.fsam_lmbda, **adamw)
-    else:
-        opt = torch.optim.AdamW(params, **adamw)
+    # the fused CPU AdamW kernel: the heads' kernel since the start, so seeded weights stay identical
+    opt = OPTIMIZERS.create(cfg.optimizer, params=params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            rho=cfg.fsam_rho, sigma=cfg.fsam_sigma, lmbda=cfg.fsam_lmbda, fused=True)
     ema = module
     ema_params: list[torch.Tensor] = []
     if cfg.ema_decay > 0:  # a frozen copy that tracks the EMA; it is what gets evaluated and kept

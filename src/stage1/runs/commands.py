@@ -55,7 +55,7 @@ def coerce_hparams(given: dict[str, Any], defaults: dict[str, Any] | None = None
 #: head hyperparameters with an option of their own in ``train`` (the rest go through --param).
 TRAIN_OPTIONS: tuple[str, ...] = (
     "epochs", "batch_size", "lr", "weight_decay", "hidden", "depth", "dropout", "label_smoothing",
-    "class_weights", "ema_decay", "grad_clip", "fsam_rho", "patience", "select_metric", "view_mode",
+    "class_weights", "ema_decay", "grad_clip", "optimizer", "fsam_rho", "patience", "select_metric", "view_mode",
     "seed", "threads",
 )
 
