@@ -16,6 +16,7 @@ import pytest
 from stage1.policies import POLICIES
 from stage1.policies.selection import (
     SelectionRecord,
+    choose_split_delta,
     choose_then_certify,
     holdout_parts,
     part_mask,
@@ -35,9 +36,9 @@ def _draw(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, list[di
     return y, cands
 
 
-def _policy(_: int = 0):
+def _policy(_: int = 0, split: int = 1):
     # no calibrator, one threshold: the exit rule is the same for every candidate and fast to fit
-    return POLICIES.create("ltt", alpha=ALPHA, delta=DELTA, risk="fnr_exit", calibrator=None, grid=[0.98])
+    return POLICIES.create("ltt", alpha=ALPHA, delta=DELTA / split, risk="fnr_exit", calibrator=None, grid=[0.98])
 
 
 def _violates(policy) -> bool:
@@ -55,13 +56,15 @@ def _naive_best(y: np.ndarray, cands: list[dict[str, np.ndarray]]):
 def test_choose_then_certify_keeps_the_pipeline_within_delta() -> None:
     rng = np.random.default_rng(20261203)
     draws, n = 200, 600
-    naive = held_out = 0
+    naive = held_out = split = 0
     for r in range(draws):
         y, cands = _draw(rng, n, K)
         naive += _violates(_naive_best(y, cands))
         held_out += _violates(choose_then_certify(cands, y, np.arange(n), _policy, seed=r).policy)
+        split += _violates(choose_split_delta(cands, y, _policy).policy)
     se = math.sqrt(DELTA * (1 - DELTA) / draws)
     assert held_out / draws <= DELTA + 3 * se, held_out / draws
+    assert split / draws <= DELTA + 3 * se, split / draws  # the demo's route: delta / K each
     # the old pipeline really fails (this is the bug the held-out certificate fixes)
     assert naive / draws > DELTA + 3 * se, naive / draws
 
@@ -118,3 +121,5 @@ def test_selection_record_says_what_a_fit_is_worth() -> None:
     top = SelectionRecord("holdout", 12, "certify", 0.5, 0, delta_split=3, chosen_by="Pareto front")
     assert top.is_guarantee and "delta split over 3" in top.statement()
     assert SelectionRecord("none", 1, "all", 0.5, 0).to_dict()["method"] == "none"
+    bonf = SelectionRecord("bonferroni", 3, "all", 0.5, 0, delta_split=3, chosen_by="coverage")
+    assert bonf.is_guarantee and "delta / 3 (Bonferroni)" in bonf.statement()

@@ -1,4 +1,4 @@
-"""Choosing among candidates without voiding the certificate: choose on one part, certify on another.
+"""Choosing among candidates without voiding the certificate.
 
 A certificate says P(risk > alpha) <= delta over the draw of the data it was fitted on. Choosing
 the best of K candidates by how they certified on that same data breaks it (best of 20: 21% false
@@ -8,6 +8,10 @@ fitted there is a guarantee) and a *certify* part that the choice never sees; th
 candidate's policy is then fitted on the certify part alone, where its guarantee holds at delta.
 When several chosen candidates are certified on the same certify part (the sweep's top-k run
 folders), delta is split over them (Bonferroni), so all of them hold together.
+
+With few candidates known in advance (the demo's heads) the other valid route costs less data:
+certify every candidate on all of val_calib at delta / K (``choose_split_delta``); then the chance
+that *any* of them is falsely certified is at most delta, so whichever is chosen holds at delta.
 """
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ def part_mask(part: str, rows: np.ndarray, y: np.ndarray, fraction: float = DEFA
 class SelectionRecord:
     """How a policy's data relate to a choice among candidates; written into policy.json."""
 
-    method: str  # "none" | "holdout"
+    method: str  # "none" | "holdout" | "bonferroni" | "unadjusted"
     candidates: int
     part: str  # the val_calib part this policy was fitted on
     certify_fraction: float
@@ -82,14 +86,22 @@ class SelectionRecord:
 
     @property
     def is_guarantee(self) -> bool:
-        """False for a fit on the choose part: it served a comparison and promises nothing."""
-        return self.part != "choose"
+        """False for a fit on the choose part (it served a comparison), and for a choice made with
+        certificates that were not adjusted for it: either promises nothing."""
+        return self.part != "choose" and self.method != "unadjusted"
 
     def statement(self) -> str:
         """One sentence for reports: what the certificate's data were and were not used for."""
         if self.part == "choose":
             return (f"fitted on the choose part of val_calib to compare {self.candidates} candidates; "
                     "not a guarantee")
+        if self.method == "unadjusted":
+            return (f"chosen among {self.candidates} candidates ({self.chosen_by}) with certificates not adjusted "
+                    "for that choice; not a guarantee (certify one rule fixed in advance, or use a policy "
+                    "whose delta can be split over the candidates)")
+        if self.method == "bonferroni":
+            return (f"chosen among {self.candidates} candidates ({self.chosen_by}), each certified on all of "
+                    f"val_calib at delta / {self.delta_split} (Bonferroni), so the chosen one holds at delta")
         if self.method == "holdout":
             split = f", delta split over {self.delta_split}" if self.delta_split > 1 else ""
             return (f"chosen among {self.candidates} candidates on the choose part ({self.chosen_by}); "
@@ -144,3 +156,21 @@ def choose_then_certify(candidates: Sequence[Mapping[str, np.ndarray]], y: np.nd
     record = SelectionRecord("holdout", len(candidates), "certify", fraction, seed, 1,
                              "certified coverage on the choose part")
     return Selection(winner, final, keys, record, fitted)
+
+
+def choose_split_delta(candidates: Sequence[Mapping[str, np.ndarray]], y: np.ndarray,
+                       make_policy: Callable[[int, int], Any],
+                       rank: Callable[[Any, Mapping[str, np.ndarray]], tuple[float, ...]] = certified_coverage_key,
+                       ) -> Selection:
+    """Fit ``make_policy(i, K)`` (a policy at delta / K) for each of the K candidates on all rows and
+    pick the largest ``rank``. By the union bound no candidate is falsely certified with
+    probability >= 1 - delta, so the winner's certificate holds at delta whatever the choice."""
+    if not candidates:
+        raise ConfigError("choose_split_delta needs at least one candidate")
+    k = len(candidates)
+    fitted = [make_policy(i, k).fit(dict(c), np.asarray(y)) for i, c in enumerate(candidates)]
+    keys = [tuple(rank(pol, c)) for pol, c in zip(fitted, candidates)]
+    winner = max(range(k), key=lambda i: (keys[i], -i))
+    record = SelectionRecord("bonferroni", k, "all", DEFAULT_CERTIFY_FRACTION, PART_SEED, k,
+                             "certified coverage")
+    return Selection(winner, fitted[winner], keys, record, fitted)
