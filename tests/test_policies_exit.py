@@ -16,11 +16,14 @@ from stage1.policies.audit import synthetic_scores
 from stage1.policies.metrics import selective_risks
 from stage1.policies.pvalues import binomial_pvalue, trials_needed
 
+#: contract-test settings per policy; the contract tests run over POLICIES.names(), and a registered
+#: policy missing here fails test_every_registered_policy_has_contract_settings.
 PARAMS = {
     "threshold": {"threshold": 0.9},
     "coverage": {"target_coverage": 0.6},
     "crc": {"alpha": 0.05},
     "ltt": {"alpha": 0.05, "delta": 0.1},
+    "scrc": {"alpha": 0.05, "xi": 0.6},
 }
 
 
@@ -31,11 +34,12 @@ def data():
     return cal, test
 
 
-def test_registry_names():
-    assert POLICIES.names() == ["coverage", "crc", "ltt", "threshold"]
+def test_every_registered_policy_has_contract_settings():
+    assert {"coverage", "crc", "ltt", "scrc", "threshold"} <= set(POLICIES.names())
+    assert sorted(PARAMS) == POLICIES.names()
 
 
-@pytest.mark.parametrize("name", sorted(PARAMS))
+@pytest.mark.parametrize("name", POLICIES.names())
 @pytest.mark.parametrize("score", ["p", "select"])
 def test_contract_and_json_round_trip(name, score, data):
     (cal, y), (test, ty) = data

@@ -1,9 +1,32 @@
 """Calibrators, exit policies and selective metrics (numpy / scipy only; no torch).
 
-``POLICIES.create(name, **params)`` builds a policy (threshold, coverage, crc, ltt);
+``POLICIES.create(name, **params)`` builds a policy (threshold, coverage, crc, ltt, scrc);
 ``policy.fit(scores, y)`` on val_calib; ``policy.decide(scores) -> Decision``;
 ``policy.to_dict()`` / ``policy_from_dict(d)`` round-trip through policy.json. Every policy and
 calibrator declares its parameters once (``PARAMS``); risks are objects in ``policies.risks.RISKS``.
+
+Examples
+--------
+``POLICIES.create(name, **params)`` checks the parameters against the policy's declaration. Fit on
+val_calib scores (a head's logits, and its ``select`` score for selector policies), then decide:
+
+>>> import numpy as np
+>>> from stage1.policies import POLICIES, policy_from_dict
+>>> rng = np.random.default_rng(0)
+>>> y = rng.integers(0, 2, 4000)
+>>> logits = np.stack([np.zeros(4000), (2 * y - 1) * rng.uniform(1, 8, 4000) + rng.normal(0, 1, 4000)], 1)
+>>> policy = POLICIES.create("ltt", alpha=0.05, delta=0.1, eps=0.05).fit({"logits": logits}, y)
+>>> policy.certified, policy.certifies()
+(True, {'fnr_exit': 'pac', 'selective_error': 'pac'})
+>>> d = policy.decide({"logits": logits[:4]})
+>>> y[:4].tolist(), d.label.tolist(), d.exit.tolist()
+([1, 1, 1, 0], [1, 1, 1, 0], [True, True, True, True])
+>>> policy_from_dict(policy.to_dict()).decide({"logits": logits}).equals(policy.decide({"logits": logits}))
+True
+>>> POLICIES.create("ltt", alpha=2)
+Traceback (most recent call last):
+...
+stage1._core.errors.ConfigError: policy 'ltt': alpha=2: expected float in (0, 1)
 """
 from __future__ import annotations
 
@@ -18,6 +41,7 @@ POLICIES: Registry = Registry("policy")
 from stage1.policies import risks as _risks  # noqa: E402,F401
 from stage1.policies import ltt as _ltt  # noqa: E402,F401
 from stage1.policies import rules as _rules  # noqa: E402,F401
+from stage1.policies import scrc_policy as _scrc  # noqa: E402,F401
 from stage1.policies.audit import audit  # noqa: E402
 from stage1.policies.base import SCHEMA_VERSION, ExitPolicy  # noqa: E402
 from stage1.policies.calibrators import CALIBRATORS  # noqa: E402

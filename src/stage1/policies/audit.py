@@ -1,9 +1,13 @@
 """Guarantee audit: refit a policy on many random calibration draws and measure its risks elsewhere.
 
 For ``ltt`` the audited quantity is the violation rate P(risk > alpha) over draws of the
-calibration set (it must be <= delta); for ``crc`` it is the mean miss rate (it must be <= alpha).
-Each figure comes with its standard error over the draws. Risks are measured on a fixed held-out
-set when given (close to the true risk), otherwise on the rows not drawn for calibration.
+calibration set (it must be <= delta); for ``crc`` it is the mean miss rate (it must be <= alpha);
+for ``scrc`` a draw violates when the miscoverage among selected rows (the set misses the label)
+exceeds alpha or the selection coverage (share of rows selected, exits and AMBIGUOUS alike) falls
+below xi, and the violation rate must be <= delta (both parts are also reported alone; with its
+in-expectation bounds compare the means with alpha and xi instead). Each figure comes with its
+standard error over the draws. Risks are measured on a fixed held-out set when given (close to the
+true risk), otherwise on the rows not drawn for calibration.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import numpy as np
 
 from stage1._core.errors import ConfigError
 from stage1.policies.base import ExitPolicy, check_labels, check_scores
+from stage1.policies.decision import SET_01, UNCERTAIN, Decision
 from stage1.policies.metrics import selective_risks
 from stage1.policies.risks import all_risks
 
@@ -25,6 +30,18 @@ def risk_keys() -> list[str]:
 
 def _take(scores: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[idx] for k, v in scores.items() if v is not None}
+
+
+def scrc_draw(d: Decision, y: np.ndarray) -> tuple[float, float]:
+    """(miscoverage among selected, selection coverage) of an scrc decision on labelled rows.
+
+    Selected = not UNCERTAIN (exits and AMBIGUOUS rows); a row is covered when its ``pred_set``
+    holds the label. Miscoverage is NaN when nothing is selected."""
+    selected = d.level != UNCERTAIN
+    covered = (d.pred_set == SET_01) | (d.pred_set == y)
+    n_sel = int(selected.sum())
+    risk = float(np.sum(selected & ~covered) / n_sel) if n_sel else float("nan")
+    return risk, float(selected.mean()) if len(y) else float("nan")
 
 
 def _mean_se(x: np.ndarray) -> tuple[float, float]:
@@ -73,6 +90,7 @@ def audit(
     keys = risk_keys()
     per_draw: dict[str, list[float]] = {k: [] for k in keys}
     certified = []
+    scrc: dict[str, list[float]] = {"miscoverage_selected": [], "selection_coverage": []}
     for _ in range(n_draws):
         perm = rng.permutation(len(yy))
         cal_idx, rest = perm[:n_calib], perm[n_calib:]
@@ -83,6 +101,10 @@ def audit(
         r = selective_risks(tyy, d.label.astype(np.int64), d.exit)
         for k in keys:
             per_draw[k].append(r[k])
+        if policy.guarantee == "scrc":
+            risk_d, cov_d = scrc_draw(d, tyy)
+            scrc["miscoverage_selected"].append(risk_d)
+            scrc["selection_coverage"].append(cov_d)
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in per_draw.items()}
     out: dict[str, Any] = {
         "policy": policy.name,
@@ -102,6 +124,15 @@ def audit(
             out["eps_violation_rate"], out["eps_violation_se"] = _rate_se(sel > policy.eps)
     if policy.guarantee == "crc":
         out["alpha"] = alpha
+    if policy.guarantee == "scrc":
+        risk = np.nan_to_num(np.asarray(scrc["miscoverage_selected"]), nan=0.0)  # nothing selected: no miss
+        cov = np.asarray(scrc["selection_coverage"])
+        for k, a in scrc.items():
+            out[f"{k}_mean"], out[f"{k}_se"] = _mean_se(np.asarray(a, dtype=np.float64))
+        out["risk_violation_rate"], out["risk_violation_se"] = _rate_se(risk > alpha)
+        out["coverage_violation_rate"], out["coverage_violation_se"] = _rate_se(cov < policy.xi)
+        out["violation_rate"], out["violation_se"] = _rate_se((risk > alpha) | (cov < policy.xi))
+        out.update(alpha=alpha, xi=policy.xi, delta=policy.delta)
     return out
 
 

@@ -125,7 +125,7 @@ class ExitPolicy:
     """
 
     name = "base"
-    guarantee = "none"  # "none" | "crc" | "ltt"
+    guarantee = "none"  # "none" | "crc" | "ltt" | "scrc"
     #: the declared parameters: the policy's own first, then BASE_PARAMS.
     PARAMS: ClassVar[Params] = BASE_PARAMS
 
@@ -197,8 +197,11 @@ class ExitPolicy:
         return 0.3 if self.guarantee != "none" else 0.0
 
     # fit / decide --------------------------------------------------------------------------
-    def fit(self, scores: dict[str, np.ndarray], y: np.ndarray) -> "ExitPolicy":
-        """Fit calibrators and thresholds on val_calib scores and labels; returns self."""
+    def _fit_calibrators(self, scores: dict[str, np.ndarray], y: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """Check the inputs, split val_calib into the calibrator part and the certify part (label
+        stratified, ``calib_fraction``), fit the calibrators on the first; (p, s, y, fit rows,
+        certify rows, fraction). Every policy's ``fit`` starts here."""
         logits, select = check_scores(scores, self.score == "select")
         yy = check_labels(y, len(logits))
         if len(yy) == 0:
@@ -215,11 +218,15 @@ class ExitPolicy:
             self.cal = CALIBRATORS.create(self.calibrator, **self.calibrator_params)
             self.cal.fit(logits[fit_idx], yy[fit_idx])
         p = self._p(logits)
-        yhat = (p >= 0.5).astype(np.int64)
         if self.select_calibrator is not None:
-            correct = (yhat == yy).astype(np.int64)
+            correct = ((p >= 0.5).astype(np.int64) == yy).astype(np.int64)
             self.select_cal = CALIBRATORS.create(self.select_calibrator).fit(select[fit_idx], correct[fit_idx])
-        s = self._s(p, select)
+        return p, self._s(p, select), yy, fit_idx, cert_idx, frac
+
+    def fit(self, scores: dict[str, np.ndarray], y: np.ndarray) -> "ExitPolicy":
+        """Fit calibrators and thresholds on val_calib scores and labels; returns self."""
+        p, s, yy, fit_idx, cert_idx, frac = self._fit_calibrators(scores, y)
+        yhat = (p >= 0.5).astype(np.int64)
         self._fit_thresholds(s[cert_idx], yhat[cert_idx], yy[cert_idx])
         ex = s[cert_idx] >= np.where(yhat[cert_idx] == 1, self.t1, self.t0)
         from stage1.policies.metrics import selective_risks

@@ -32,6 +32,14 @@ def bounded_risks(policy: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _event(risk: str, params: Mapping[str, Any]) -> str:
+    """The failure event of one bounded risk, as printed."""
+    if risk == "miscoverage_selected":  # scrc: the set misses y among selected rows; coverage certified too
+        return (f"miscoverage among selected > {float(params['alpha']):g} or selection coverage < "
+                f"{float(params['xi']):g}")
+    return f"{risk} > {_level(risk, params):g}"
+
+
 def _level(risk: str, params: Mapping[str, Any]) -> float:
     if risk == "selective_error" and params.get("risk") != "selective_error" and params.get("eps") is not None:
         return float(params["eps"])
@@ -76,10 +84,11 @@ def guarantee_statement(policy: Mapping[str, Any]) -> str:
     if pac:
         delta = float(params["delta"])
         # several PAC risks are certified jointly (intersection-union test per pair): one event
-        joint = " or ".join(f"{r} > {_level(r, params):g}" for r in pac)
+        joint = " or ".join(_event(r, params) for r in pac)
         parts.append(f"P({joint}) <= {delta:g}")
     if exp:
-        parts.append(" and ".join(f"E[{r}] <= {_level(r, params):g}" for r in exp) +
+        parts.append(" and ".join(f"E[{'miscoverage among selected' if r == 'miscoverage_selected' else r}] <= "
+                                  f"{_level(r, params):g}" for r in exp) +
                      " in expectation (no probability statement)")
     unbounded = [r.name for r in all_risks() if r.name not in bounds]
     text = "; ".join(parts) + f", over the draw of {where}{n} (rows exchangeable with what is scored)"

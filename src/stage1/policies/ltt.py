@@ -1,4 +1,4 @@
-"""Learn-then-Test / SCRC-I style certified exit policy with two thresholds.
+"""Learn-then-Test certified exit policy with two thresholds (SCRC-I is its own policy: policies.scrc_policy).
 
 Hypotheses: for every pair (t0, t1) of a fixed grid (plus "never exit" = inf), H0: risk > alpha,
 where the risk is ``fnr_exit`` (default), ``selective_error`` or ``miss_rate``; with ``eps`` also
