@@ -7,7 +7,8 @@ one in a sub-folder) plus ``labels.csv`` (``path,label``; labels alternate 0/1, 
 from __future__ import annotations
 
 import os
-import sys
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,14 @@ def image_folder(tmp_path: Path) -> Path:
         lines.append(f"{name},{i % 2}")
     (folder / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` (a decompression-bomb stand-in)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path

@@ -107,7 +107,6 @@ def _binned_gap(conf: np.ndarray, hit: np.ndarray, n_bins: int) -> float:
     if len(conf) == 0:
         return float("nan")
     idx = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
     s_conf = np.bincount(idx, weights=conf, minlength=n_bins)
     s_hit = np.bincount(idx, weights=hit.astype(np.float64), minlength=n_bins)
     return float(np.sum(np.abs(s_hit - s_conf)) / len(conf))

@@ -22,7 +22,7 @@ from stage1.featstore.commands import extract, info
 from stage1.featstore.images import load_rgb, preprocess
 from stage1._core.io import sha256_file
 from stage1.featstore.store import Store
-from test_featstore_images import png_header_only
+from conftest import png_header_only
 
 FAST = ["--image-size", "32", "--batch-size", "3", "--chunk-rows", "4", "--threads", "1", "--quiet"]
 

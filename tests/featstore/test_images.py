@@ -1,26 +1,15 @@
 """Image pipeline: draft mode, EXIF, mode conversion to RGB, bad-image reasons, preprocessing."""
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import png_header_only
 from PIL import Image
 
 from stage1.featstore.images import BadImage, MAX_PIXELS, decode, load_rgb, preprocess, quarantine_reason
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims ``width`` x ``height`` (a decompression-bomb stand-in)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    return path
 
 
 def test_draft_mode_decodes_large_jpeg_at_reduced_scale(tmp_path: Path) -> None:

@@ -53,6 +53,6 @@ def test_not_certified_and_choose_part_fits_promise_nothing(scores) -> None:
 
 
 def test_policy_files_written_before_bounds_were_recorded() -> None:
-    legacy = json.loads((Path(__file__).parent / "data" / "legacy_v0_1" / "run" / "policy.json").read_text())
+    legacy = json.loads((Path(__file__).parents[1] / "data" / "legacy_v0_1" / "run" / "policy.json").read_text())
     assert "bounds" not in legacy and bounded_risks(legacy) == {"fnr_exit": "pac"}
     assert guarantee_statement(legacy).startswith("not certified")  # that run certified nothing

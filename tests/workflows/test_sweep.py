@@ -18,7 +18,7 @@ from stage1 import cli
 from stage1.workflows.space import SearchSpace, resolve_space_path, shipped_spaces, studies_dir
 from stage1.workflows.sweep import SWEEP_SPLITS, SweepData, feasible, pareto_trials, trial_constraints
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY_SPACE = """
 [objective]

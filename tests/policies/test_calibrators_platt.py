@@ -1,6 +1,6 @@
 """Platt on a gate / selector score in [0, 1]: fitted on the score's logit with Platt's targets, so
 it agrees with scikit-learn's sigmoid calibration of that logit (the oracle) at small and large n;
-2-column logits keep the maximum-likelihood fit (tests/test_policies_calibrators.py)."""
+2-column logits keep the maximum-likelihood fit (tests/policies/test_calibrators.py)."""
 from __future__ import annotations
 
 import json

@@ -13,7 +13,7 @@ from stage1.featstore.images import RESIZE_RULE, draft_size_for
 from stage1.featstore.preprocessing import (Preprocessing, PreprocessingError, PreprocessingMismatch,
                                             ViewRecipe)
 
-LEGACY = Path(__file__).parent / "data" / "legacy_v0_1"
+LEGACY = Path(__file__).parents[1] / "data" / "legacy_v0_1"
 IMAGES = [f"images/im0{i}.jpg" for i in range(4)]
 
 

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from stage1.policies.calibrators import CALIBRATORS, as_logits, calibrator_from_dict
 from stage1.policies.metrics import nll
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 @pytest.fixture(scope="module")

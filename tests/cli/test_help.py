@@ -7,7 +7,7 @@ import sys
 
 from stage1 import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_help_lists_every_command_without_importing_torch() -> None:

@@ -1,0 +1,1 @@
+"""Tests of stage1._core (mirrors src/stage1/_core)."""

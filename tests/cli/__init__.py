@@ -1,0 +1,1 @@
+"""Tests of stage1.cli (mirrors src/stage1/cli)."""

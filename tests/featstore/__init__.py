@@ -1,0 +1,1 @@
+"""Tests of stage1.featstore (mirrors src/stage1/featstore)."""

@@ -1,0 +1,1 @@
+"""Tests of stage1.finetune (mirrors src/stage1/finetune)."""

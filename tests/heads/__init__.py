@@ -1,0 +1,1 @@
+"""Tests of stage1.heads (mirrors src/stage1/heads)."""

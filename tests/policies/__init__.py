@@ -1,0 +1,1 @@
+"""Tests of stage1.policies (mirrors src/stage1/policies)."""

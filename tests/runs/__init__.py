@@ -1,0 +1,1 @@
+"""Tests of stage1.runs (mirrors src/stage1/runs)."""

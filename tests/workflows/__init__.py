@@ -1,0 +1,1 @@
+"""Tests of stage1.workflows (mirrors src/stage1/workflows)."""
