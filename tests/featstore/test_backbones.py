@@ -54,3 +54,17 @@ def test_missing_folder_and_bad_image_size(tmp_path: Path) -> None:
     check_image_size(224, 14)
     with pytest.raises(ValueError, match="multiple of the backbone's patch size 16"):
         check_image_size(40, 16)
+
+
+@pytest.mark.parametrize("kind", BACKBONES.names())
+def test_every_registered_backbone_keeps_the_contract(kind: str, tiny_backbone_dir: Path) -> None:
+    """Frozen, CLS features [B, D] in float32, JSON provenance pinning the weights (over BACKBONES.names())."""
+    bb = load_backbone(tiny_backbone_dir, kind=kind)
+    x = torch.zeros(2, 3, 32, 32)
+    feats = bb.embed(x)
+    assert feats.shape == (2, bb.hidden_size) and feats.dtype == torch.float32
+    torch.testing.assert_close(bb.embed(x), feats)  # deterministic: eval mode, no dropout
+    prov = bb.provenance()
+    assert {"class", "hidden_size", "feature", "weights_sha256", "precision"} <= set(prov)
+    json.dumps(prov)
+    assert not any(p.requires_grad for p in bb.model.parameters())

@@ -27,13 +27,6 @@ PARAMS = {
 }
 
 
-@pytest.fixture(scope="module")
-def data():
-    cal = synthetic_scores(3000, prevalence=0.4, overconfidence=2.0, seed=1)
-    test = synthetic_scores(2000, prevalence=0.4, overconfidence=2.0, seed=2)
-    return cal, test
-
-
 def test_every_registered_policy_has_contract_settings():
     assert {"coverage", "crc", "ltt", "scrc", "threshold"} <= set(POLICIES.names())
     assert sorted(PARAMS) == POLICIES.names()

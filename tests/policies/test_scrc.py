@@ -13,6 +13,8 @@ import warnings
 
 import numpy as np
 import pytest
+
+from policies.conftest import prefit_p1_classifier
 from scipy.special import ndtr
 from scipy.stats import binom
 
@@ -305,25 +307,12 @@ def test_crc_stage2_matches_mapie_split_conformal_lac(seed: int, alpha: float) -
     """On the selected rows, the in-expectation stage 2 is split-conformal LAC: MAPIE's conformal
     quantile equals lambda2 and MAPIE's prediction sets equal ours."""
     from mapie.classification import SplitConformalClassifier
-    from sklearn.base import BaseEstimator, ClassifierMixin
-
-    class _Prefit(ClassifierMixin, BaseEstimator):  # predict_proba = [1 - p1, p1] from column 0
-        def fit(self, X, y):
-            self.classes_ = np.array([0, 1])
-            return self
-
-        def predict_proba(self, X):
-            p = np.asarray(X, dtype=np.float64)[:, 0]
-            return np.column_stack([1.0 - p, p])
-
-        def predict(self, X):
-            return (np.asarray(X)[:, 0] >= 0.5).astype(np.int64)
 
     g, p1, y = _selected_rows(seed, 600, 0.7)
     st = S.fit_scrc(g, p1, y, xi=0.7, alpha=alpha, selection_bound="expectation", risk_bound="crc", nonempty=False)
     sel = S.scrc_selected(g, st)
     assert sel.sum() == st.n_selected
-    scc = SplitConformalClassifier(_Prefit().fit(None, None), confidence_level=1 - alpha, conformity_score="lac",
+    scc = SplitConformalClassifier(prefit_p1_classifier(), confidence_level=1 - alpha, conformity_score="lac",
                                    prefit=True)
     scc.conformalize(p1[sel][:, None], y[sel])
     grid = np.arange(0, 1025) / 1024.0

@@ -8,6 +8,8 @@ import warnings
 
 import numpy as np
 import pytest
+
+from policies.conftest import prefit_p1_classifier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.special import softmax
@@ -18,13 +20,6 @@ from stage1.policies import scrc as S
 from stage1.policies.audit import scrc_draw, synthetic_scores
 from stage1.policies.base import stratified_split
 from stage1.policies.scrc_policy import SCRCPolicy
-
-
-@pytest.fixture(scope="module")
-def data():
-    cal = synthetic_scores(3000, prevalence=0.4, overconfidence=2.0, seed=1)
-    test = synthetic_scores(2000, prevalence=0.4, overconfidence=2.0, seed=2)
-    return cal, test
 
 
 def test_registered_with_its_guarantee_and_bounded_risks():
@@ -173,19 +168,6 @@ def test_stage2_matches_mapie_split_conformal_at_the_policy_level(data):
     the selected val_calib rows: MAPIE's conformal quantile equals lambda2, and on selected test rows
     MAPIE's sets are the policy's decisions (singleton = exit with that label, {0, 1} = AMBIGUOUS)."""
     from mapie.classification import SplitConformalClassifier
-    from sklearn.base import BaseEstimator, ClassifierMixin
-
-    class _Prefit(ClassifierMixin, BaseEstimator):  # predict_proba = [1 - p1, p1] from column 0
-        def fit(self, X, y):
-            self.classes_ = np.array([0, 1])
-            return self
-
-        def predict_proba(self, X):
-            p = np.asarray(X, dtype=np.float64)[:, 0]
-            return np.column_stack([1.0 - p, p])
-
-        def predict(self, X):
-            return (np.asarray(X)[:, 0] >= 0.5).astype(np.int64)
 
     (cal, y), (test, _) = data
     for alpha in (0.03, 0.06):
@@ -194,7 +176,7 @@ def test_stage2_matches_mapie_split_conformal_at_the_policy_level(data):
         assert pol.state.lambda2_raw >= 0.5  # the non-empty clamp is inactive, so MAPIE's sets apply as they are
         p = softmax(cal["logits"], axis=1)[:, 1]
         sel = np.maximum(p, 1 - p) > pol.state.threshold1
-        scc = SplitConformalClassifier(_Prefit().fit(None, None), confidence_level=1 - alpha,
+        scc = SplitConformalClassifier(prefit_p1_classifier(), confidence_level=1 - alpha,
                                        conformity_score="lac", prefit=True)
         scc.conformalize(p[sel][:, None], y[sel])
         d = pol.decide(test)

@@ -62,14 +62,9 @@ class DinoHead(nn.Module):
         return z @ F.normalize(self.prototypes, dim=-1).T
 
 
-class DinoLoss(nn.Module):
-    """Cross-entropy between the centred, sharpened teacher and the student over swapped views.
-
-    ``center`` is an EMA of the teacher's mean output (a buffer), which with sharpening avoids
-    collapse to one prototype or to the uniform distribution. With multi-crop the student has more
-    crops than the teacher: the teacher's two global views come first in the student's output, and
-    every student crop learns every teacher view except its own (DINO's loss).
-    """
+class _Distillation(nn.Module):
+    """What DINO's and iBOT's terms share: temperatures and the teacher's EMA centre (a buffer),
+    which with sharpening keeps the teacher from collapsing to one prototype or to uniform."""
 
     def __init__(
         self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04, center_momentum: float = 0.9
@@ -83,6 +78,21 @@ class DinoLoss(nn.Module):
         self.teacher_temp = teacher_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        batch_center = teacher_out.float().mean(dim=0, keepdim=True)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+class DinoLoss(_Distillation):
+    """Cross-entropy between the centred, sharpened teacher and the student over swapped views.
+
+    ``center`` is an EMA of the teacher's mean output (a buffer), which with sharpening avoids
+    collapse to one prototype or to the uniform distribution. With multi-crop the student has more
+    crops than the teacher: the teacher's two global views come first in the student's output, and
+    every student crop learns every teacher view except its own (DINO's loss).
+    """
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
         """``teacher_out``: [N_VIEWS * B, out_dim]; ``student_out``: [(N_VIEWS + n_local) * B, out_dim],
@@ -101,13 +111,8 @@ class DinoLoss(nn.Module):
         self.update_center(teacher_out)
         return total / max(terms, 1)
 
-    @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        batch_center = teacher_out.float().mean(dim=0, keepdim=True)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
-
-class IBotPatchLoss(nn.Module):
+class IBotPatchLoss(_Distillation):
     """iBOT's masked-patch term: at each masked position, the student's patch-token scores learn the
     teacher's centred, sharpened scores of the same position in the unmasked view.
 
@@ -115,19 +120,6 @@ class IBotPatchLoss(nn.Module):
     *all* images of the batch (unmasked ones add zero), as DINOv2's ``iBOTPatchLoss`` weighs it.
     ``center`` is its own EMA of the teacher's mean patch output (a buffer), apart from DINO's.
     """
-
-    def __init__(
-        self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04, center_momentum: float = 0.9
-    ) -> None:
-        super().__init__()
-        if not (student_temp > 0 and teacher_temp > 0):
-            raise ConfigError("temperatures must be > 0")
-        if not 0.0 <= center_momentum < 1.0:
-            raise ConfigError("center momentum must be in [0, 1)")
-        self.student_temp = student_temp
-        self.teacher_temp = teacher_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_masked: torch.Tensor, teacher_masked: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``student_masked`` / ``teacher_masked``: [M, out_dim] scores at the masked positions, in
@@ -139,11 +131,6 @@ class IBotPatchLoss(nn.Module):
         per_image = masks.sum(dim=1, keepdim=True).clamp(min=1).expand_as(masks)[masks].to(ce.dtype)
         self.update_center(teacher_masked)
         return (ce / per_image).sum() / masks.shape[0]
-
-    @torch.no_grad()
-    def update_center(self, teacher_masked: torch.Tensor) -> None:
-        batch_center = teacher_masked.float().mean(dim=0, keepdim=True)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
 
 def random_patch_masks(
