@@ -12,7 +12,8 @@ import pytest
 from stage1._core.errors import ConfigError
 from stage1.policies import POLICIES, policy_from_dict
 from stage1.policies.audit import synthetic_scores
-from stage1.policies.calibrators import CALIBRATORS, ODIR_CV_GRID, calibrator_from_dict, stratified_folds
+from stage1.policies.calibrators import CALIBRATORS, calibrator_from_dict
+from stage1.policies.odir import ODIR_CV_GRID, stratified_folds
 from stage1.workflows.space import studies_dir
 
 
