@@ -171,7 +171,7 @@ def test_views_are_stored_and_deterministic(image_folder: Path, tiny_backbone_di
     assert not np.allclose(fa[:, 1:], c.load_features()[:, 1:])  # another base seed, other views
     np.testing.assert_array_equal(fa[:, 0], c.load_features()[:, 0])  # the clean view does not depend on it
     assert not np.allclose(fa[:, 0], fa[:, 1])
-    assert a.attrs["provenance"]["preprocessing"]["views"] == {"n": 3, "recipe": "validator-v1", "levels": [1, 2, 3], "seed": 7}
+    assert a.attrs["provenance"]["preprocessing"]["views"] == {"n": 3, "recipe": "validator", "levels": [0, 1, 2, 3], "seed": 7}
     np.testing.assert_array_equal(a.load_features(views=2)[:, 0], fa[:, 2])
 
 
@@ -265,3 +265,39 @@ def test_split_column_travels_from_csv_to_splits(image_folder: Path, tiny_backbo
     assert st.split_column.tolist() == ["test", "test"] + [""] * 6
     write_splits(tmp_path / "s", seed=1)
     assert {0, 1} <= set(load_splits(tmp_path / "s")["test"].tolist())
+
+
+def test_validator_recipe_and_clean_rule_are_recorded_per_view(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    from stage1.featstore.views import PARAM_NAMES
+
+    out = tmp_path / "v"
+    run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", "--views", "3", "--preprocess", "validator")
+    st = featstore.open_store(out)
+    pre = st.provenance["preprocessing"]
+    assert pre["clean"] == "validator" and pre["views"]["recipe"] == "validator"
+    levels, params = st.view_levels(), st.view_params()
+    assert levels.shape == (8, 3) and params.shape == (8, 3, len(PARAM_NAMES)) and st.view_param_names == list(PARAM_NAMES)
+    assert (levels[:, 0] == 0).all() and set(levels[:, 1:].ravel()) <= {0, 1, 2, 3}
+    assert st.view_levels([2, 0]).tolist() == [levels[2].tolist(), levels[0].tolist()]
+    moved = levels[:, 1:] >= 1
+    assert np.all(params[:, 1:, PARAM_NAMES.index("hflip")][moved] == 0)  # flips never fire
+    counts = st.info()["view_levels"]
+    assert sum(counts.values()) == 24 and counts["0"] >= 8
+    res = CliRunner().invoke(info, [str(out)])
+    assert "view 0 validator" in res.output and "view levels" in res.output
+    # a re-run without the options keeps the recorded recipe and clean rule (else it would be refused)
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", "--views", "3")
+    assert "already complete" in res.output
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", "--views", "3", "--preprocess", "squash", ok=False)
+    assert res.exit_code != 0 and "clean" in str(res.exception) + res.output
+
+
+def test_resume_keeps_a_validator_v1_store_recipe(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "v1"
+    run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", "--views", "2", "--view-recipe", "validator-v1")
+    st = featstore.open_store(out)
+    assert st.provenance["preprocessing"]["views"]["recipe"] == "validator-v1"
+    assert "clean" not in st.provenance["preprocessing"] and st.view_levels()[:, 1].tolist() == [1] * 8
+    assert "already complete" in run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", "--views", "2").output
+    bad = run_extract(image_folder, tiny_backbone_dir, tmp_path / "x", "--view-recipe", "nope", ok=False)
+    assert bad.exit_code == 2 and "--view-recipe" in bad.output

@@ -180,3 +180,62 @@ def test_legacy_run_exports_the_legacy_preprocessing(legacy: Path, tmp_path: Pat
     out = export_bundle(legacy / "run", tmp_path / "b")
     manifest = json.loads((out / "bundle.json").read_text())
     assert manifest["preprocessing"] == _legacy_dicts()["bundle"]
+
+
+def test_validator_clean_rule_round_trips_and_is_applied() -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from stage1.featstore.views import validator_clean
+
+    squash = Preprocessing(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    val = Preprocessing(size=32, mean=(0.5,) * 3, std=(0.25,) * 3, clean="validator")
+    assert "clean" not in squash.to_dict() and val.to_dict()["clean"] == "validator"
+    assert Preprocessing.from_dict(val.to_dict()) == val and Preprocessing.from_dict(squash.to_dict()) == squash
+    assert [d[0] for d in squash.differences(val)] == ["clean"]
+    assert val.draft_size == 224 and squash.draft_size == 32  # the validator path works at 224 px
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((60, 90, 3)) * 255).astype(np.uint8))
+    got = val.clean_pixels(img)
+    assert got.shape == (3, 32, 32)
+    np.testing.assert_array_equal(got, val.pixels(validator_clean(img)))
+    np.testing.assert_array_equal(squash.clean_pixels(img), squash.pixels(img))
+    # a served 224 px JPEG goes through the same steps as the training image's view 0
+    buf = io.BytesIO()
+    img.resize((224, 224)).save(buf, format="JPEG")
+    assert val.clean_pixels(val.decode(buf.getvalue())).shape == (3, 32, 32)
+
+
+def test_predictor_applies_and_checks_the_clean_rule(legacy: Path) -> None:
+    import numpy as np
+
+    from stage1.workflows.bundle import BundleError, manifest_digest
+    from stage1.workflows.predictor import Stage1Predictor
+
+    manifest = json.loads((legacy / "bundle" / "bundle.json").read_text())
+    manifest["preprocessing"]["clean"] = "validator"
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    pred = Stage1Predictor(manifest, None, None, None, legacy / "bundle")
+    prep = pred.preprocessing
+    path = legacy / IMAGES[0]
+    np.testing.assert_array_equal(pred.load_pixels(path), prep.clean_pixels(prep.decode(path.read_bytes())))
+    manifest["preprocessing"]["clean"] = "letterbox"
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    with pytest.raises(BundleError, match=r"preprocessing\.clean differs \(recorded 'letterbox'"):
+        Stage1Predictor(manifest, None, None, None, legacy / "bundle")
+
+
+def test_legacy_store_resumes_with_its_recipe_by_default(legacy: Path) -> None:
+    from stage1.featstore.extract import ExtractConfig, resolve_defaults
+    from stage1.featstore.store import Store
+
+    with Store.open(legacy / "store.zarr") as store:
+        recorded = Preprocessing.from_dict(store.provenance["preprocessing"])
+        assert store.view_levels() is None and store.info()["view_levels"] is None
+    cfg = resolve_defaults(ExtractConfig(images=".", backbone=".", out="."), recorded)
+    assert (cfg.view_recipe, cfg.preprocess, tuple(cfg.view_levels)) == (recorded.views.recipe, "squash", recorded.views.levels)
+    assert recorded.views.recipe == "validator-v1"
+    fresh = resolve_defaults(ExtractConfig(images=".", backbone=".", out="."))
+    assert (fresh.view_recipe, fresh.preprocess, tuple(fresh.view_levels)) == ("validator", "squash", (0, 1, 2, 3))

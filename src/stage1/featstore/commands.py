@@ -46,7 +46,15 @@ def _int_list(text: str, name: str) -> list[int]:
 @image_size_option()
 @click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default=DEFAULT_FEATURE_DTYPE, show_default=True, help="Stored feature precision.")
 @click.option("--views", default=1, show_default=True, type=int, help="Views per image: 1 clean + N-1 validator-style distorted views.")
-@click.option("--view-levels", default="1,2,3", show_default=True, help="Distortion levels (0-3) cycled over the extra views.")
+@click.option("--view-levels", default=None,
+              help="Distortion levels (0-3) of the extra views: drawn uniformly per view (validator recipes; "
+                   "default 0,1,2,3 = p 0.25 each) or cycled (validator-v1; default 1,2,3). A resume keeps the store's.")
+@click.option("--view-recipe", default=None,
+              help="How extra views are made: validator (the subnet's distortions + JPEG q75; default for new "
+                   "stores), validator-flips (same, flips firing), validator-v1 (0.1.0's). A resume keeps the store's.")
+@click.option("--preprocess", "preprocess", type=click.Choice(["squash", "validator"]), default=None,
+              help="View 0: squash (whole image resized; default for new stores) or validator (centre square, "
+                   "224 px bilinear, JPEG q75, as a served challenge), then the --image-size resize. A resume keeps the store's.")
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Base seed of the views (each view's seed mixes it with the image hash).")
 @device_option(help="cpu, or cuda / cuda:N (the backbone runs under bf16 autocast).")
 @workers_option(2)
@@ -55,8 +63,8 @@ def _int_list(text: str, name: str) -> list[int]:
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int, help="Larger images are quarantined as decompression bombs.")
 @click.option("--draft/--no-draft", default=True, show_default=True, help="Decode large JPEGs at reduced scale (libjpeg draft mode) before resizing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(images, labels, backbone, out, batch_size, image_size, dtype, views, view_levels, view_seed, device,
-            workers, threads, chunk_rows, max_pixels, draft, quiet) -> None:
+def extract(images, labels, backbone, out, batch_size, image_size, dtype, views, view_levels, view_recipe, preprocess,
+            view_seed, device, workers, threads, chunk_rows, max_pixels, draft, quiet) -> None:
     """Run a frozen backbone over images and store CLS features in a Zarr store.
 
     Rows are committed in chunk-sized blocks; interrupting and re-running the same command resumes
@@ -67,7 +75,8 @@ def extract(images, labels, backbone, out, batch_size, image_size, dtype, views,
 
     cfg = ExtractConfig(
         images=images, labels=labels, backbone=backbone, out=out, batch_size=batch_size, image_size=image_size,
-        dtype=dtype, views=views, view_levels=_int_list(view_levels, "--view-levels"), view_seed=view_seed,
+        dtype=dtype, views=views, view_seed=view_seed, view_recipe=view_recipe, preprocess=preprocess,
+        view_levels=None if view_levels is None else _int_list(view_levels, "--view-levels"),
         device=device, workers=workers, threads=threads, chunk_rows=chunk_rows, max_pixels=max_pixels, draft=draft,
         progress=not quiet,
     )
@@ -97,7 +106,10 @@ def _format_info(info: dict) -> str:
     if pre:
         v = pre.get("views", {})
         lines.append(f"preprocess   {pre.get('size')} px {pre.get('resize')}, draft {pre.get('draft')}, "
-                     f"views {v.get('n')} (levels {v.get('levels')}, seed {v.get('seed')}, {v.get('recipe')})")
+                     f"views {v.get('n')} (levels {v.get('levels')}, seed {v.get('seed')}, {v.get('recipe')}), "
+                     f"view 0 {pre.get('clean', 'squash')}")
+    if info.get("view_levels"):
+        lines.append("view levels  " + "  ".join(f"{'clean' if k == '-1' else k}: {n}" for k, n in sorted(info["view_levels"].items())))
     if prov.get("kind") == "imported":
         lines.append(f"source       {prov.get('source_path')} ({prov.get('source_format')}) sha256 {str(prov.get('source_sha256'))[:16]}...")
     if info.get("splits"):

@@ -23,7 +23,8 @@ from stage1._core.io import sha256_bytes
 from .labels import ImageEntry, image_list_sha256, list_images, parse_labels_csv
 from .preprocessing import Preprocessing, ViewRecipe
 from .store import DEFAULT_CHUNK_ROWS, Store
-from .views import DEFAULT_VIEW_LEVELS, make_view, view_level, view_seed
+from .preprocessing import CLEAN_RULES
+from .views import DEFAULT_RECIPE, LEVELS, PARAM_NAMES, VIEW_RECIPES, empty_params, view_recipe, view_seed
 from stage1._core.errors import ConfigError
 
 
@@ -39,8 +40,13 @@ class ExtractConfig:
     image_size: int = 224
     dtype: str = "float16"
     views: int = 1
-    view_levels: Sequence[int] = DEFAULT_VIEW_LEVELS
+    #: None: the recipe's default levels (validator: 0-3, each drawn with p 0.25), or a resumed store's
+    view_levels: Sequence[int] | None = None
     view_seed: int = 0
+    #: None: ``validator`` for a new store, the recorded recipe when resuming
+    view_recipe: str | None = None
+    #: view-0 rule (``preprocessing.CLEAN_RULES``); None: ``squash`` for a new store, the recorded one when resuming
+    preprocess: str | None = None
     device: str = "cpu"
     workers: int = 2
     threads: int = 0
@@ -61,19 +67,27 @@ class DecodeSpec:
     max_pixels: int
 
 
-def decode_entry(spec: DecodeSpec, rel_path: str) -> tuple[np.ndarray, str]:
-    """Pixels [V, 3, S, S] (view 0 clean, then distorted views) and the file's sha256; BadImage on failure."""
+def decode_entry(spec: DecodeSpec, rel_path: str) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
+    """Pixels [V, 3, S, S] (view 0 clean, then distorted views), the file's sha256, each view's level
+    int8 [V] (-1: view 0 squashed) and parameter record float32 [V, P] (``views.PARAM_NAMES``); BadImage on failure."""
     path = Path(spec.root) / rel_path
     data = read_bytes(path)
     digest = sha256_bytes(data)
     prep = spec.prep
     img = prep.decode(data, rel_path, max_pixels=spec.max_pixels)
-    out = np.empty((prep.views.n, 3, prep.size, prep.size), dtype=np.float32)
-    out[0] = prep.pixels(img)
-    for v in range(1, prep.views.n):
-        seed, level = view_seed(digest, v, prep.views.seed), view_level(v, prep.views.levels)
-        out[v] = prep.pixels(make_view(img, seed, level, size=prep.size))
-    return out, digest
+    n = prep.views.n
+    out = np.empty((n, 3, prep.size, prep.size), dtype=np.float32)
+    levels = np.full(n, -1, dtype=np.int8)
+    params = np.stack([empty_params()] * n)
+    out[0] = prep.clean_pixels(img)
+    if prep.clean == "validator":
+        levels[0] = 0
+    maker = view_recipe(prep.views.recipe) if n > 1 else None
+    for v in range(1, n):
+        view, levels[v], params[v] = maker.view(img, view_seed(digest, v, prep.views.seed), v,  # type: ignore[union-attr]
+                                                prep.views.levels, prep.size)
+        out[v] = prep.pixels(view)
+    return out, digest, levels, params
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -92,16 +106,18 @@ class WindowDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         w = self.first_window + k
         lo, hi = w * self.batch_size, min(len(self.paths), (w + 1) * self.batch_size)
-        pixels, good, sha, bad = [], [], [], []
+        pixels, good, sha, bad, levels, params = [], [], [], [], [], []
         for i in range(lo, hi):
             try:
-                arr, digest = decode_entry(self.spec, self.paths[i])
+                arr, digest, lv, pr = decode_entry(self.spec, self.paths[i])
             except Exception as exc:  # never fatal to the run: quarantine with the reason and error text
                 bad.append((i, *quarantine_reason(exc, self.paths[i])))
                 continue
             pixels.append(arr)
             good.append(i)
             sha.append(digest)
+            levels.append(lv)
+            params.append(pr)
         s = self.spec.prep.size
         stacked = np.concatenate(pixels) if pixels else np.empty((0, 3, s, s), np.float32)
         return {
@@ -112,13 +128,39 @@ class WindowDataset(torch.utils.data.Dataset):
             "good": good,
             "sha": sha,
             "bad": bad,
+            "levels": levels,
+            "params": params,
         }
 
 
+def resolve_defaults(cfg: ExtractConfig, recorded: Preprocessing | None = None) -> ExtractConfig:
+    """Fill the options left unset (None): from the store being resumed (``recorded``), else the defaults.
+
+    A resume keeps the recipe, levels and clean rule the store records (a 0.1.0 store: validator-v1,
+    squash); a new store gets the ``validator`` recipe with its levels 0-3 and the ``squash`` clean rule.
+    """
+    recipe = cfg.view_recipe
+    levels = cfg.view_levels
+    clean = cfg.preprocess
+    if recorded is not None:
+        recipe = recipe if recipe is not None else recorded.views.recipe
+        if levels is None and recorded.views.levels:
+            levels = recorded.views.levels
+        clean = clean if clean is not None else recorded.clean
+    recipe = recipe if recipe is not None else DEFAULT_RECIPE
+    if levels is None:
+        levels = VIEW_RECIPES.create(recipe).default_levels if recipe in VIEW_RECIPES else LEVELS
+    return replace(cfg, view_recipe=recipe, view_levels=tuple(int(lv) for lv in levels),
+                   preprocess=clean if clean is not None else "squash")
+
+
 def build_preprocessing(backbone: Backbone, cfg: ExtractConfig) -> Preprocessing:
-    """The preprocessing spec of this extraction: the backbone's mean / std, size, draft and views."""
-    return Preprocessing.for_backbone(backbone, cfg.image_size, draft=cfg.draft,
-                                      views=ViewRecipe.of(cfg.views, cfg.view_levels, cfg.view_seed))
+    """The preprocessing spec of this extraction: the backbone's mean / std, size, draft, views and clean rule."""
+    cfg = resolve_defaults(cfg)
+    return Preprocessing.for_backbone(
+        backbone, cfg.image_size, draft=cfg.draft, clean=str(cfg.preprocess),
+        views=ViewRecipe.of(cfg.views, cfg.view_levels or (), cfg.view_seed, str(cfg.view_recipe)),
+    )
 
 
 def build_provenance(backbone: Backbone, cfg: ExtractConfig, entries: Sequence[ImageEntry]) -> dict[str, Any]:
@@ -166,7 +208,11 @@ def validate_config(cfg: ExtractConfig) -> None:
         (cfg.chunk_rows >= 1, "--chunk-rows must be >= 1"),
         (cfg.max_pixels >= 1, "--max-pixels must be >= 1"),
         (cfg.dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
-        (all(lv in (0, 1, 2, 3) for lv in cfg.view_levels) and len(cfg.view_levels) > 0, "--view-levels must be levels 0-3"),
+        (cfg.view_levels is None or (all(lv in LEVELS for lv in cfg.view_levels) and len(cfg.view_levels) > 0),
+         "--view-levels must be levels 0-3"),
+        (cfg.preprocess is None or cfg.preprocess in CLEAN_RULES, f"--preprocess must be one of {', '.join(CLEAN_RULES)}"),
+        (cfg.view_recipe is None or cfg.view_recipe in VIEW_RECIPES,
+         f"--view-recipe must be one of {', '.join(VIEW_RECIPES.names())}"),
         (Path(cfg.images).is_dir(), f"--images {cfg.images} is not a folder"),
     ]
     for ok, msg in checks:
@@ -191,12 +237,14 @@ def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
     if backbone is None:
         backbone = load_backbone(cfg.backbone, device=cfg.device, kind=cfg.backbone_kind)
     check_image_size(cfg.image_size, backbone.patch_size)
-    prov = build_provenance(backbone, cfg, entries)
     out = Path(cfg.out)
     if (out / "zarr.json").exists():
         store = Store.open(out, mode="r+")
         try:
-            check_resume(store, prov)
+            recorded = store.provenance.get("preprocessing")
+            cfg = resolve_defaults(cfg, Preprocessing.from_dict(recorded, where=f"{out}: provenance")
+                                   if recorded is not None else None)
+            check_resume(store, build_provenance(backbone, cfg, entries))
         except BaseException:
             store.close()
             raise
@@ -206,9 +254,11 @@ def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
                              f"({started_with}; --batch-size {cfg.batch_size} ignored)\n")
             cfg = replace(cfg, batch_size=started_with)
     else:
+        cfg = resolve_defaults(cfg)
         store = Store.create(
-            out, len(entries), cfg.views, backbone.hidden_size, prov, dtype=cfg.dtype,
+            out, len(entries), cfg.views, backbone.hidden_size, build_provenance(backbone, cfg, entries), dtype=cfg.dtype,
             chunk_rows=cfg.chunk_rows, with_split=has_split, extra_attrs={"n_listed": len(entries), "batch_size": cfg.batch_size},
+            view_param_names=PARAM_NAMES,
         )
     with store:
         return _extract_into(store, cfg, backbone, entries)
@@ -237,6 +287,8 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
     buf_f: list[np.ndarray] = []
     buf_e: list[ImageEntry] = []
     buf_s: list[str] = []
+    buf_l: list[np.ndarray] = []
+    buf_p: list[np.ndarray] = []
     pending_q: list[dict[str, str]] = []
 
     def flush(consumed_to: int) -> None:
@@ -244,12 +296,12 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
         if buf_f:
             store.write_block(
                 row, np.stack(buf_f), np.array([e.label for e in buf_e], np.int8), [e.path for e in buf_e],
-                buf_s, [e.split for e in buf_e],
+                buf_s, [e.split for e in buf_e], view_levels=np.stack(buf_l), view_params=np.stack(buf_p),
             )
         quarantined.extend(pending_q)
         row += len(buf_f)
         store.commit(row, n_consumed=consumed_to, quarantined=quarantined)
-        for buf in (buf_f, buf_e, buf_s, pending_q):
+        for buf in (buf_f, buf_e, buf_s, buf_l, buf_p, pending_q):
             buf.clear()
 
     t0 = time.perf_counter()
@@ -269,6 +321,8 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
                 buf_f.append(feats[kind[1]])  # type: ignore[index]
                 buf_e.append(entries[i])
                 buf_s.append(win["sha"][kind[1]])
+                buf_l.append(np.asarray(win["levels"][kind[1]], dtype=np.int8))
+                buf_p.append(np.asarray(win["params"][kind[1]], dtype=np.float32))
             else:
                 pending_q.append({"path": entries[i].path, "reason": kind[1], "detail": kind[2]})
             processed += 1

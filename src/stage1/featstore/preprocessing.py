@@ -16,7 +16,12 @@ from PIL import Image
 from stage1._core.errors import DataError
 
 from .images import MAX_PIXELS, RESIZE_RULE, decode, draft_size_for, preprocess
-from .views import RECIPE
+from .views import RECIPE, VALIDATOR_SIZE, validator_clean
+
+#: Clean-view (view 0) rules: ``squash`` = the whole image resized to size x size (0.1.0's, the default);
+#: ``validator`` = the validator's level 0 (centre square, bilinear resize to 224) + JPEG q75 round trip,
+#: then the same bicubic resize to size x size. Stores and bundles record ``clean`` only when not squash.
+CLEAN_RULES = ("squash", "validator")
 
 #: How transparent pixels become RGB (``images.to_rgb``), recorded next to the resize rule.
 ALPHA_RULE = "composite-on-white"
@@ -45,11 +50,11 @@ class ViewRecipe:
         object.__setattr__(self, "seed", int(self.seed))
 
     @classmethod
-    def of(cls, n: int, levels: Sequence[int] = (), seed: int = 0) -> "ViewRecipe":
-        """The recipe extract records for ``n`` views: levels and seed only matter (and are kept) when n > 1."""
+    def of(cls, n: int, levels: Sequence[int] = (), seed: int = 0, recipe: str = RECIPE) -> "ViewRecipe":
+        """The recipe extract records for ``n`` views: recipe, levels and seed only matter (and are kept) when n > 1."""
         if int(n) <= 1:
             return cls(n=int(n))
-        return cls(n=int(n), levels=tuple(levels), seed=int(seed))
+        return cls(n=int(n), recipe=str(recipe), levels=tuple(levels), seed=int(seed))
 
     def to_dict(self) -> dict[str, Any]:
         """The ``preprocessing["views"]`` JSON object."""
@@ -62,7 +67,7 @@ class Preprocessing:
 
     size: square input side; resize: resize rule (``images.RESIZE_RULE``); mean / std: per-channel
     normalisation; draft: JPEG draft decode on; exif_transpose / alpha: orientation and transparency
-    handling; views: the ``ViewRecipe``. Equal specs give byte-identical pixels for the same file.
+    handling; views: the ``ViewRecipe``; clean: the view-0 rule (``CLEAN_RULES``). Equal specs give byte-identical pixels for the same file.
     """
 
     size: int
@@ -73,6 +78,7 @@ class Preprocessing:
     views: ViewRecipe = field(default_factory=ViewRecipe)
     exif_transpose: bool = True
     alpha: str = ALPHA_RULE
+    clean: str = "squash"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", int(self.size))
@@ -84,14 +90,14 @@ class Preprocessing:
     # -- construction --------------------------------------------------------------------------------
     @classmethod
     def for_backbone(cls, backbone: Any, size: int, *, draft: bool = True,
-                     views: ViewRecipe | None = None) -> "Preprocessing":
+                     views: ViewRecipe | None = None, clean: str = "squash") -> "Preprocessing":
         """The spec this version applies for ``backbone`` (its mean / std) at input side ``size``."""
         return cls(size=size, mean=tuple(backbone.mean), std=tuple(backbone.std), draft=draft,
-                   views=views if views is not None else ViewRecipe())
+                   views=views if views is not None else ViewRecipe(), clean=clean)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object stored as ``provenance["preprocessing"]`` (same keys and values as 0.1.0)."""
-        return {
+        """The JSON object stored as ``provenance["preprocessing"]`` (0.1.0's keys, plus ``clean`` unless squash)."""
+        out = {
             "size": self.size,
             "resize": self.resize,
             "mean": list(self.mean),
@@ -101,6 +107,9 @@ class Preprocessing:
             "alpha": self.alpha,
             "views": self.views.to_dict(),
         }
+        if self.clean != "squash":
+            out["clean"] = self.clean
+        return out
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "preprocessing",
@@ -125,7 +134,7 @@ class Preprocessing:
                                 levels=views.get("levels", ()), seed=views.get("seed", 0))
             prep = cls(size=d["size"], mean=d["mean"], std=d["std"], resize=str(d["resize"]),
                        draft=d.get("draft", True), views=recipe, exif_transpose=d.get("exif_transpose", True),
-                       alpha=str(d.get("alpha", ALPHA_RULE)))
+                       alpha=str(d.get("alpha", ALPHA_RULE)), clean=str(d.get("clean", "squash")))
         except (TypeError, ValueError, AttributeError) as exc:
             raise error(f"{where}: malformed preprocessing ({exc}); {redo}") from None
         if prep.size < 1 or len(prep.mean) != 3 or len(prep.std) != 3 or prep.views.n < 1:
@@ -140,8 +149,17 @@ class Preprocessing:
         return self.draft_size_for(self.views.n)
 
     def draft_size_for(self, n_views: int) -> int | None:
-        """Draft target for a decode that feeds ``n_views`` views (larger when random crops follow)."""
-        return draft_size_for(self.size, n_views) if self.draft else None
+        """Draft target for a decode that feeds ``n_views`` views (larger when random crops follow).
+
+        The validator clean rule and the validator recipes work at 224 px before the backbone's
+        resize, so their draft keeps at least that; squash / validator-v1 keep 0.1.0's targets.
+        """
+        if not self.draft:
+            return None
+        base = self.size
+        if self.clean == "validator" or (n_views > 1 and self.views.recipe != RECIPE):
+            base = max(base, VALIDATOR_SIZE)
+        return draft_size_for(base, n_views)
 
     def with_views(self, views: ViewRecipe) -> "Preprocessing":
         """A copy with another views recipe."""
@@ -154,6 +172,14 @@ class Preprocessing:
     def pixels(self, img: Image.Image) -> np.ndarray:
         """A decoded image (or view) -> float32 [3, size, size], resized and normalised."""
         return preprocess(img, self.size, self.mean, self.std)
+
+    def clean_pixels(self, img: Image.Image) -> np.ndarray:
+        """A decoded image -> view-0 pixels [3, size, size] by the ``clean`` rule (what predict serves)."""
+        if self.clean == "validator":
+            img = validator_clean(img)
+        elif self.clean != "squash":
+            raise PreprocessingMismatch(f"preprocessing.clean {self.clean!r} is not one of {CLEAN_RULES}")
+        return self.pixels(img)
 
     # -- comparison ----------------------------------------------------------------------------------
     def differences(self, other: "Preprocessing") -> list[tuple[str, Any, Any]]:
@@ -173,8 +199,9 @@ class Preprocessing:
         raise error(f"{where}: preprocessing.{key} differs ({mine} {a!r}, {theirs} {b!r}){more}; {fix}")
 
     def supported(self) -> "Preprocessing":
-        """This spec with the fixed rules this version implements (resize, EXIF, alpha) put in."""
-        return replace(self, resize=RESIZE_RULE, exif_transpose=True, alpha=ALPHA_RULE)
+        """This spec with the fixed rules this version implements (resize, EXIF, alpha, a known clean rule) put in."""
+        clean = self.clean if self.clean in CLEAN_RULES else "squash"
+        return replace(self, resize=RESIZE_RULE, exif_transpose=True, alpha=ALPHA_RULE, clean=clean)
 
     def require_supported(self, where: str, error: type[Exception] = PreprocessingMismatch) -> None:
         """Refuse a spec whose resize / EXIF / alpha rule this version cannot reproduce, naming the field."""

@@ -99,8 +99,13 @@ class Store:
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         with_split: bool = False,
         extra_attrs: dict[str, Any] | None = None,
+        view_param_names: Sequence[str] | None = None,
     ) -> "Store":
-        """Preallocate an empty store (nothing committed) and return it open for writing."""
+        """Preallocate an empty store (nothing committed) and return it open for writing.
+
+        ``view_param_names``: also create ``view_levels`` [N, V] int8 (-1 = not a validator view) and
+        ``view_params`` [N, V, P] float32 (NaN = not applicable), P = len(names), names kept in attrs.
+        """
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, not {dtype!r}")
         if chunk_rows < 1 or views < 1 or dim < 1 or n_rows < 0:
@@ -123,6 +128,12 @@ class Store:
             group.create_array("sha256", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
             if with_split:
                 group.create_array("split", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
+            if view_param_names:
+                group.create_array("view_levels", shape=(n_rows, views), chunks=(chunk, views), dtype="int8",
+                                   compressors=None, fill_value=-1)
+                p = len(view_param_names)
+                group.create_array("view_params", shape=(n_rows, views, p), chunks=(chunk, views, p),
+                                   dtype="float32", compressors=None, fill_value=float("nan"))
             stamp = utc_timestamp()
             attrs = {
                 "schema_version": SCHEMA_VERSION,
@@ -138,6 +149,8 @@ class Store:
                 "created": stamp,
                 "updated": stamp,
             }
+            if view_param_names:
+                attrs["view_param_names"] = [str(name) for name in view_param_names]
             attrs.update(extra_attrs or {})
             group.update_attributes(attrs)
         except BaseException:
@@ -242,6 +255,25 @@ class Store:
             return np.array([], dtype=str)
         return np.array(self._array(name)[:n].tolist(), dtype=str)
 
+    @property
+    def view_param_names(self) -> list[str]:
+        """Field names of ``view_params``' last axis ([] when the store records no view parameters)."""
+        return [str(n) for n in self._attrs.get("view_param_names", [])]
+
+    def view_levels(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray | None:
+        """Validator level of each view, int8 [n, V] (-1 = not a validator view); None if not recorded."""
+        if not self.has_array("view_levels"):
+            return None
+        data = np.asarray(self._array("view_levels")[: self.rows], dtype=np.int8)
+        return data if rows is None else data[np.asarray(rows, dtype=np.int64)]
+
+    def view_params(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray | None:
+        """Each view's recorded parameters, float32 [n, V, P] (fields ``view_param_names``); None if not recorded."""
+        if not self.has_array("view_params"):
+            return None
+        data = np.asarray(self._array("view_params")[: self.rows], dtype=np.float32)
+        return data if rows is None else data[np.asarray(rows, dtype=np.int64)]
+
     # ------------------------------------------------------------------ reading features
     def _raw_chunks_ok(self) -> bool:
         """True when chunk files hold plain native-order bytes the raw reader can copy directly."""
@@ -296,8 +328,13 @@ class Store:
         ids: Sequence[str],
         sha256: Sequence[str],
         split: Sequence[str] | None = None,
+        view_levels: np.ndarray | None = None,
+        view_params: np.ndarray | None = None,
     ) -> None:
-        """Write rows [start, start+n) (start chunk-aligned) and fsync them; does not commit."""
+        """Write rows [start, start+n) (start chunk-aligned) and fsync them; does not commit.
+
+        ``view_levels`` [n, V] / ``view_params`` [n, V, P] are written when the store has those arrays.
+        """
         self._require_writable()
         n = len(features)
         cr = self.chunk_rows
@@ -315,6 +352,10 @@ class Store:
         if self.has_array("split"):
             self._array("split")[start : start + n] = np.asarray(list(split) if split is not None else [""] * n, dtype=object).astype(str)
             names.append("split")
+        for name, value in (("view_levels", view_levels), ("view_params", view_params)):
+            if self.has_array(name) and value is not None:
+                self._array(name)[start : start + n] = np.asarray(value, dtype=self._array(name).dtype)
+                names.append(name)
         fsync_chunks(self.path, [(name, self._array(name)) for name in names], start // cr, (start + n - 1) // cr)
 
     def commit(self, n_committed: int, **attrs: Any) -> None:
@@ -328,7 +369,7 @@ class Store:
         """Trim arrays to the committed rows (quarantined images left slack) and mark complete."""
         self._require_writable()
         n = self.rows
-        for name in ("features", "labels", "ids", "sha256", "split"):
+        for name in ("features", "labels", "ids", "sha256", "split", "view_levels", "view_params"):
             if self.has_array(name):
                 arr = self._array(name)
                 if arr.shape[0] != n:
@@ -370,11 +411,21 @@ class Store:
             "provenance": self.provenance,
             "quarantined": self.quarantined,
             "splits": self.splits_counts(),
+            "view_levels": self._level_counts(),
             "schema_version": self._attrs.get("schema_version"),
             "tool_version": self._attrs.get("tool_version"),
             "created": self._attrs.get("created"),
             "updated": self._attrs.get("updated"),
         }
+
+
+    def _level_counts(self) -> dict[str, int] | None:
+        """Views per validator level over committed rows ("-1" = not a validator view); None if not recorded."""
+        levels = self.view_levels()
+        if levels is None:
+            return None
+        values, counts = np.unique(levels, return_counts=True)
+        return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
 def row_hashes(features: np.ndarray) -> list[str]:

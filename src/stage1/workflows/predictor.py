@@ -148,7 +148,7 @@ class Stage1Predictor:
             img = prep.decode(bytes(item), "<bytes>")
         else:
             img = prep.decode(read_bytes(item), str(item))
-        return prep.pixels(img)
+        return prep.clean_pixels(img)
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Backbone CLS features [B, D] of preprocessed pixels [B, 3, S, S]."""
