@@ -51,6 +51,18 @@ def _mean_loss(model, module, loss_fn, data: ViewDataset) -> float:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "fsam", "lion"])
+def _moved(model, before: dict) -> set:
+    """Names of the base weights that changed (a LoRA-wrapped weight lives under ``base_layer``)."""
+    now = model.get_base_model().state_dict()
+    moved = set()
+    for key, value in before.items():
+        prefix, leaf = key.rsplit(".", 1)
+        current = now.get(key, now.get(f"{prefix}.base_layer.{leaf}"))
+        if not torch.equal(current, value):
+            moved.add(key)
+    return moved
+
+
 def test_supervised_loss_falls_and_best_epoch_is_restored(optimizer: str, tiny_backbone_dir: Path, tmp_path: Path) -> None:
     from stage1.heads import HEADS
 
@@ -186,13 +198,7 @@ def test_selfsup_student_learns_the_teacher_and_keeps_frozen_weights(keep: str, 
     losses = hist["step_loss"]
     assert len(losses) == 5 and hist["head_only_steps"] == 1
     assert np.mean(losses[-2:]) < losses[0], losses
-    now = model.get_base_model().state_dict()
-    moved = set()
-    for key, value in frozen_before.items():
-        prefix, leaf = key.rsplit(".", 1)
-        current = now.get(key, now.get(f"{prefix}.base_layer.{leaf}"))
-        if not torch.equal(current, value):
-            moved.add(key)
+    moved = _moved(model, frozen_before)
     # only the unfrozen last block can move (LoRA lives in separate tensors until merged)
     assert moved <= set(spec.unfrozen)
     if keep == "student":
@@ -364,11 +370,5 @@ def test_selfsup_with_multi_crop_and_ibot_keeps_frozen_weights(tiny_backbone_dir
     hist = train_selfsup(model, 32, data, cfg, Runtime.resolve("cpu"))
     assert len(hist["step_ibot_loss"]) == len(hist["step_loss"]) == 4
     assert all(np.isfinite(hist["step_loss"])) and max(hist["step_ibot_loss"]) > 0
-    now = model.get_base_model().state_dict()
-    moved = set()
-    for key, value in frozen_before.items():
-        prefix, leaf = key.rsplit(".", 1)
-        current = now.get(key, now.get(f"{prefix}.base_layer.{leaf}"))
-        if not torch.equal(current, value):
-            moved.add(key)
+    moved = _moved(model, frozen_before)
     assert moved <= set(spec.unfrozen) and "embeddings.mask_token" in moved
