@@ -50,7 +50,6 @@ def _mean_loss(model, module, loss_fn, data: ViewDataset) -> float:
     return float(loss_fn(outputs, torch.as_tensor(y)))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "fsam", "lion"])
 def _moved(model, before: dict) -> set:
     """Names of the base weights that changed (a LoRA-wrapped weight lives under ``base_layer``)."""
     now = model.get_base_model().state_dict()
@@ -63,6 +62,7 @@ def _moved(model, before: dict) -> set:
     return moved
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "fsam", "lion"])
 def test_supervised_loss_falls_and_best_epoch_is_restored(optimizer: str, tiny_backbone_dir: Path, tmp_path: Path) -> None:
     from stage1.heads import HEADS
 
