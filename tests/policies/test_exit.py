@@ -216,7 +216,8 @@ def test_no_exited_positives_does_not_break(data):
     neg = y == 0
     only_neg = {k: v[neg] for k, v in cal.items()}
     pol = POLICIES.create("ltt", calibrator=None).fit(only_neg, y[neg])  # zero positives at all
-    assert not pol.certified and pol.n_needed is None and "every image is deferred" in pol.reason
+    assert not pol.certified and pol.n_needed > 1 and "every image is deferred" in pol.reason  # positives missing
+    assert "no positives" in pol.reason
     assert not pol.decide(only_neg).exit.any()
     assert binomial_pvalue(0, 0, 0.05) == 1.0  # no trials: never rejected, never NaN
     sel = POLICIES.create(
@@ -390,3 +391,32 @@ def test_calibrator_params_and_seed_are_used():
     b = POLICIES.create("ltt", seed=2).fit(cal, y).cal.temperature
     c = POLICIES.create("ltt", seed=1).fit(cal, y).cal.temperature
     assert a == c and a != b  # the seed picks the calibrator's part of val_calib, deterministically
+
+
+# -- tiny val_calib: not certified, with the size needed (not an error) ---------------------------
+@pytest.mark.parametrize("name", ["ltt", "crc"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_tiny_val_calib_is_not_certified_and_says_what_is_needed(name: str, n: int) -> None:
+    import numpy as np
+
+    from stage1.policies import POLICIES, policy_from_dict
+
+    y = np.array([1, 0])[:n]
+    logits = np.stack([np.zeros(n), (2 * y - 1) * 3.0], 1)
+    pol = POLICIES.create(name).fit({"logits": logits}, y)
+    assert pol.certified is False and isinstance(pol.n_needed, int) and pol.n_needed > 1
+    assert f"{pol.n_needed} calibration positives" in pol.reason and "too few" in pol.reason
+    back = policy_from_dict(pol.to_dict())
+    assert not back.decide({"logits": logits}).exit.any() and back.n_needed == pol.n_needed
+
+
+def test_ltt_without_positives_says_positives_are_missing() -> None:
+    import numpy as np
+
+    from stage1.policies import POLICIES
+
+    y = np.zeros(60, dtype=np.int64)
+    pol = POLICIES.create("ltt", calibrator=None).fit({"logits": np.stack([np.zeros(60), -np.ones(60) * 3], 1)}, y)
+    assert pol.certified is False and isinstance(pol.n_needed, int) and pol.n_needed > 1
+    assert "no positives" in pol.reason and f"{pol.n_needed} calibration positives" in pol.reason
+    assert "will not help" not in pol.reason

@@ -191,3 +191,23 @@ def test_selectivenet_threshold_defaults_to_its_target_coverage(store: Path, tmp
     pol = json.loads((out / "policy.json").read_text())
     assert pol["params"]["target_coverage"] == 0.6 and pol["params"]["score"] == "select"
     assert pol["state"]["summary"]["calib_coverage"] >= 0.6
+
+
+@pytest.mark.parametrize("policy", ["ltt", "crc"])
+def test_calibrate_on_two_val_calib_rows_exits_zero_not_certified(tmp_path: Path, policy: str) -> None:
+    from stage1.featstore.splits import write_splits
+    from stage1.featstore.store import write_store
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 100)
+    x = rng.normal(size=(100, 1, 4)).astype(np.float32)
+    x[:, 0, 0] += 2 * y
+    write_store(tmp_path / "st", x, y)
+    assert write_splits(tmp_path / "st", seed=0, fractions="0.8,0.18,0.02,0")["counts"]["val_calib"]["n"] == 2
+    code, text = invoke("train", tmp_path / "st", "--head", "mlp", "--out", tmp_path / "run", "--epochs", "1", "--quiet")
+    assert code == 0, text
+    code, text = invoke("calibrate", tmp_path / "run", "--policy", policy)
+    assert code == 0, text
+    state = json.loads((tmp_path / "run" / "policy.json").read_text())["state"]
+    assert state["certified"] is False and isinstance(state["n_needed"], int) and state["n_needed"] > 1
+    assert f"{state['n_needed']} calibration positives" in state["reason"]

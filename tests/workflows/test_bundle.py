@@ -314,3 +314,18 @@ def test_failed_records_keep_the_full_deferred_schema(predictor) -> None:
                    "reason": "zero bytes"}
     assert list(rec) == ["path", "p_roadwork", "decision", "label", "pred_set", "select_score", "level",
                          "error", "reason"]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d["state"].update(t1=float("nan")), "t1"),
+    (lambda d: d["state"].update(certified="yes"), "certified"),
+    (lambda d: d["state"]["calibrator"]["state"].update(temperature=-1.0), "temperature"),
+])
+def test_export_refuses_a_hand_edited_policy(trained_run: dict[str, Path], tmp_path: Path, edit, needle: str) -> None:
+    run = tmp_path / "edited"
+    shutil.copytree(trained_run["run"], run)
+    d = json.loads((run / "policy.json").read_text())
+    edit(d)
+    (run / "policy.json").write_text(json.dumps(d))
+    _refused(["export", str(run), "--out", str(tmp_path / "b")], "policy.json", needle)
+    assert not (tmp_path / "b").exists()

@@ -349,3 +349,31 @@ def test_killed_sweep_resumes_with_two_workers(store: Path, space_file: Path, tm
     after = _complete(db, "k")
     assert summary["n_before"] == n_before and summary["n_after"] == n_before + 3
     assert after.get("COMPLETE", 0) == before.get("COMPLETE", 0) + 3
+
+
+# -- credentials in the storage URL ----------------------------------------------------------------------
+def test_redact_url_hides_passwords_only() -> None:
+    from stage1.workflows.sweep import redact_url
+
+    assert redact_url("postgresql://bob:s3cret@db.example:5432/optuna") == "postgresql://bob:***@db.example:5432/optuna"
+    assert redact_url("postgresql+psycopg2://u:p%40ss@h/d") == "postgresql+psycopg2://u:***@h/d"
+    assert redact_url("postgresql://h/db?user=a&password=xyz") == "postgresql://h/db?user=a&password=***"
+    for safe in ("sqlite:///studies.db", "sqlite:////abs/x.db", "postgresql://bob@h/db", "sqlite:///:memory:"):
+        assert redact_url(safe) == safe
+
+
+def test_sweep_never_shows_the_storage_password(store: Path, space_file: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from stage1.workflows.sweep import run as sweep_run
+
+    real, db = sweep_run.make_storage, f"sqlite:///{tmp_path / 'pg.db'}"
+    monkeypatch.setattr(sweep_run, "make_storage", lambda url: real(db))  # stands in for a PostgreSQL server
+    url = "postgresql://bob:hunter2@db.example:5432/optuna"
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli.main, ["sweep", str(store), "--study", "p", "--storage", url, "--space",
+                                        str(space_file), "--trials", "1", "--quiet", "--out", str(out), "--top", "1"])
+    assert res.exit_code == 0, res.output
+    assert "hunter2" not in res.output and json.loads(res.stdout)["storage"] == "postgresql://bob:***@db.example:5432/optuna"
+    for f in out.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".csv", ".txt"):
+            assert "hunter2" not in f.read_text(errors="replace"), f

@@ -159,11 +159,13 @@ def split(store, seed, fractions) -> None:
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["h5", "npy"]), required=True, help="h5: one HDF5 file; npy: a folder of .npy files + provenance.json.")
 @click.option("--out", type=click.Path(), default=None, help="Output path (default: STORE.h5 or STORE.npy/).")
-def export_features(store, fmt, out) -> None:
-    """Export committed features, labels, ids and sha256 for other tools."""
+@click.option("--force", is_flag=True, help="Replace an existing export of the same format at --out.")
+def export_features(store, fmt, out, force) -> None:
+    """Export committed features, labels, ids and sha256 for other tools (never over an existing
+    export unless --force)."""
     from .interop import export_features as run
 
-    path = run(store, fmt, out)
+    path = run(store, fmt, out, force=force)
     click.echo(f"wrote {path}")
 
 

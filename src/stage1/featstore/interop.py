@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from stage1._core.io import atomic_path, atomic_write_json, sha256_file
+from stage1._core.io import atomic_dir, atomic_path, atomic_write_json, sha256_file
 from .store import DEFAULT_CHUNK_ROWS, Store, StoreError, write_store
-from stage1._core.errors import ConfigError, MissingError
+from stage1._core.errors import ConfigError, DataError, ExistsError, MissingError
 
 FORMATS = ("h5", "npy")
 
@@ -26,12 +26,26 @@ def default_export_path(store_path: str | os.PathLike[str], fmt: str) -> Path:
     return p.with_name(p.name + (".h5" if fmt == "h5" else ".npy"))
 
 
-def export_features(store_path: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str] | None = None) -> Path:
-    """Write the store's committed rows as HDF5 (one file) or .npy files (a folder); returns the path."""
+def export_features(store_path: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str] | None = None,
+                    force: bool = False) -> Path:
+    """Write the store's committed rows as HDF5 (one file) or .npy files (a folder); returns the path.
+
+    An existing output is never overwritten silently: without ``force`` it is an ExistsError. With
+    ``force`` an existing file (h5) or folder (npy) is replaced atomically, only by one of the same
+    kind (a folder in place of an .h5 file, or the reverse, is refused: it is probably not an export).
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, not {fmt!r}")
     store = Store.open(store_path)
     target = Path(out) if out else default_export_path(store_path, fmt)
+    if target.exists() or target.is_symlink():
+        if not force:
+            raise ExistsError(f"{target}: already exists; choose another --out, or pass --force to replace it")
+        wanted_dir = fmt == "npy"
+        if target.is_dir() != wanted_dir:
+            kind = "a folder" if target.is_dir() else "a file"
+            raise ExistsError(f"{target}: is {kind}, not a {fmt} export; --force only replaces an export "
+                              "of the same format: choose another --out")
     if fmt == "h5":
         _export_h5(store, target)
     else:
@@ -68,17 +82,18 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def _export_npy(store: Store, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target / "features.npy") as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=store.dtype, shape=(store.rows, store.views, store.dim))
-        for s, e, block in _blocks(store):
-            mm[s:e] = block
-        mm.flush()
-        del mm
-    _save_npy(target / "labels.npy", store.labels)
-    _save_npy(target / "ids.npy", store.ids)
-    _save_npy(target / "sha256.npy", store.sha256)
-    atomic_write_json(target / "provenance.json", store.provenance)
+    with atomic_dir(target) as work:  # the folder appears (or replaces an old export) only when complete
+        with atomic_path(work / "features.npy") as tmp:
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=store.dtype,
+                                           shape=(store.rows, store.views, store.dim))
+            for s, e, block in _blocks(store):
+                mm[s:e] = block
+            mm.flush()
+            del mm
+        _save_npy(work / "labels.npy", store.labels)
+        _save_npy(work / "ids.npy", store.ids)
+        _save_npy(work / "sha256.npy", store.sha256)
+        atomic_write_json(work / "provenance.json", store.provenance)
 
 
 def _labels_from(raw: np.ndarray, where: str) -> np.ndarray:
@@ -165,6 +180,23 @@ def read_features_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+def check_fits_dtype(feats: np.ndarray, dtype: str, where: str, block_rows: int = 4096) -> None:
+    """DataError when a finite value of ``feats`` lies beyond ``dtype``'s range: casting would turn it
+    into inf silently (float16 ends at 65504). Scans ``block_rows`` rows at a time (memmaps stay lazy)."""
+    dt = np.dtype(dtype)
+    if dt.kind != "f" or np.finfo(dt).max >= np.finfo(feats.dtype).max:
+        return
+    limit = float(np.finfo(dt).max)
+    for s in range(0, len(feats), block_rows):
+        block = np.asarray(feats[s:s + block_rows])
+        big = np.abs(block[np.isfinite(block)])
+        if big.size and float(big.max()) > limit:
+            raise DataError(
+                f"{where}: features reach |x| = {float(big.max()):.6g}, beyond {dt.name}'s range "
+                f"(max {limit:g}): {dt.name} would store them as inf; use --dtype float32 (or rescale the features)"
+            )
+
+
 def import_features(
     path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -176,6 +208,7 @@ def import_features(
     data = read_features_file(src)
     if dtype is None:
         dtype = str(data["features"].dtype) if str(data["features"].dtype) in ("float16", "float32") else "float32"
+    check_fits_dtype(data["features"], dtype, str(src))
     source_sha = sha256_file(src / "features.npy") if src.is_dir() else sha256_file(src)
     provenance: dict[str, Any] = {
         "kind": "imported",

@@ -162,15 +162,51 @@ def write_splits(
     return payload
 
 
-def load_splits(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Row indices per split from a splits.json, or from STORE/splits.json when given a folder."""
+def load_splits(path: str | os.PathLike[str], n_rows: int | None = None) -> dict[str, np.ndarray]:
+    """Row indices per split from a splits.json, or from STORE/splits.json when given a folder.
+
+    The file is validated here, at load (it may be hand-edited): 'rows' names exactly the splits of
+    SPLIT_NAMES, each a list of distinct integer rows in [0, n_rows), and no row is in two splits
+    (a row in train and test leaks). ``n_rows`` is the store's row count (default: the count the
+    file records under store.rows). A SplitError names the file and the fix.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / SPLITS_FILE
     if not p.exists():
         raise MissingError(f"{p}: no splits file; run `stage1 split STORE` first")
     data = read_json(p)
+    fix = "regenerate it with `stage1 split STORE`"
+    if not isinstance(data, dict):
+        raise SplitError(f"{p}: not a JSON object; {fix}")
     rows = data.get("rows")
-    if not isinstance(rows, dict) or set(rows) != set(SPLIT_NAMES):
-        raise ValueError(f"{p}: expected 'rows' with {', '.join(SPLIT_NAMES)}; regenerate it with `split`")
-    return {name: np.asarray(rows[name], dtype=np.int64) for name in SPLIT_NAMES}
+    if not isinstance(rows, dict):
+        raise SplitError(f"{p}: expected 'rows' with {', '.join(SPLIT_NAMES)}; {fix}")
+    unknown = sorted(set(rows) - set(SPLIT_NAMES))
+    missing = [name for name in SPLIT_NAMES if name not in rows]
+    if unknown or missing:
+        what = "; ".join(x for x in (f"unknown split(s) {', '.join(map(repr, unknown))}" if unknown else "",
+                                      f"missing {', '.join(missing)}" if missing else "") if x)
+        raise SplitError(f"{p}: 'rows' must name exactly {', '.join(SPLIT_NAMES)} ({what}); {fix}")
+    if n_rows is None:
+        recorded = (data.get("store") or {}).get("rows") if isinstance(data.get("store"), dict) else None
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
+            n_rows = recorded
+    out: dict[str, np.ndarray] = {}
+    for name in SPLIT_NAMES:
+        given = rows[name]
+        if not isinstance(given, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in given):
+            raise SplitError(f"{p}: rows.{name} must be a list of integer row numbers; {fix}")
+        arr = np.asarray(given, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or (n_rows is not None and arr.max() >= n_rows)):
+            bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+            raise SplitError(f"{p}: rows.{name} holds row {bad}, outside the store's rows 0..{(n_rows or 0) - 1}; {fix}")
+        if len(np.unique(arr)) != len(arr):
+            raise SplitError(f"{p}: rows.{name} lists a row twice; {fix}")
+        for other, taken in out.items():
+            both = np.intersect1d(taken, arr)
+            if both.size:
+                raise SplitError(f"{p}: row {int(both[0])} is in both {other} and {name} (it would leak "
+                                 f"between them; {both.size} such rows); {fix}")
+        out[name] = arr
+    return out

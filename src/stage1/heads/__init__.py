@@ -59,19 +59,53 @@ def __getattr__(name: str) -> Any:
 
 
 def load_head(path: str | os.PathLike[str]) -> "Head":
-    """Load a head saved by ``Head.save`` (head.json + head.safetensors in ``path``)."""
-    from stage1._core.errors import DataError
+    """Load a head saved by ``Head.save`` (head.json + head.safetensors in ``path``).
+
+    Everything is validated here, at load: head.json's fields (schema version, a known head name,
+    ``in_dim`` an integer >= 1, ``hparams`` through the head's declaration: types, ranges,
+    finiteness), and the weights (finite, and each tensor's shape what that config builds). Any
+    problem is a one-line DataError naming the file and the fix.
+    """
+    from stage1._core.errors import DataError, Stage1Error
+    import numpy as np
+
     from stage1._core.io import load_safetensors, read_json
 
     from .base import HEAD_JSON, HEAD_WEIGHTS, SCHEMA_VERSION
 
     registry = _registry()
     meta_path = os.path.join(path, HEAD_JSON)
+    weights_path = os.path.join(path, HEAD_WEIGHTS)
+    fix = "retrain the head (`stage1 train`)"
     meta = read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: not a JSON object; {fix}")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, expected "
                          f"{SCHEMA_VERSION}; retrain the head with this version")
     name = meta.get("head")
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         raise DataError(f"{meta_path}: unknown head {name!r}; known: {', '.join(registry.names())}")
-    return registry.get(name).from_saved(meta, load_safetensors(os.path.join(path, HEAD_WEIGHTS)))
+    # hparams go through the head's declaration (PARAMS) in from_saved: a ConfigError there names them
+    in_dim = meta.get("in_dim")
+    if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+        raise DataError(f"{meta_path}: in_dim={in_dim!r}: expected an integer >= 1; {fix}")
+    if not isinstance(meta.get("hparams"), dict):
+        raise DataError(f"{meta_path}: hparams must be an object; {fix}")
+    standardize_active = meta.get("standardize_active")
+    if standardize_active is not None and not isinstance(standardize_active, bool):
+        raise DataError(f"{meta_path}: standardize_active={standardize_active!r}: expected true or false; {fix}")
+    training = meta.get("training")
+    if training is not None and not isinstance(training, dict):
+        raise DataError(f"{meta_path}: training must be an object or null; {fix}")
+    tensors = load_safetensors(weights_path)
+    for key, arr in tensors.items():
+        a = np.asarray(arr)
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise DataError(f"{weights_path}: tensor {key!r} holds NaN or infinite values; {fix}")
+    try:
+        return registry.get(name).from_saved(meta, tensors)
+    except Stage1Error as exc:
+        raise DataError(f"{meta_path}: {exc}; {fix}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{meta_path}: malformed ({type(exc).__name__}: {exc}); {fix}") from None

@@ -371,7 +371,19 @@ class Head:
         head.in_dim_ = int(meta["in_dim"])
         cw = tensors.pop("_class_weight", None)
         head.class_weight_ = None if cw is None else torch.from_numpy(np.array(cw))
+        if cw is not None and (np.shape(cw) != (2,) or not np.all(np.asarray(cw) > 0)):
+            raise DataError(f"head.safetensors: _class_weight must be two positive numbers, got shape {np.shape(cw)}")
         module = head.make_module(head.in_dim_)
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise DataError(f"head.safetensors does not match head.json's config: missing {missing or 'none'}, "
+                            f"unexpected {extra or 'none'}")
+        for k, shape in expected.items():
+            if tuple(np.shape(tensors[k])) != shape:
+                raise DataError(f"head.safetensors: {k} has shape {tuple(np.shape(tensors[k]))}, but head.json's "
+                                f"config (in_dim {head.in_dim_}, hparams) builds {shape}")
         module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True)
         module.standardize.active = bool(meta.get("standardize_active", head.hparams["standardize"]))
         module.eval()

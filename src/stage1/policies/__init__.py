@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stage1._core.errors import ConfigError, DataError
+from stage1._core.errors import ConfigError, DataError, UnknownNameError
 from stage1._core.registry import Registry
 
 POLICIES: Registry = Registry("policy")
@@ -50,8 +50,23 @@ from stage1.policies.decision import LEVELS, Decision  # noqa: E402
 __all__ = ["POLICIES", "CALIBRATORS", "Decision", "LEVELS", "ExitPolicy", "policy_from_dict", "audit"]
 
 
-def policy_from_dict(d: dict[str, Any]) -> ExitPolicy:
-    """Rebuild a fitted policy from ``policy.to_dict()`` (the policy.json object)."""
+def policy_from_dict(d: dict[str, Any], where: str | None = None) -> ExitPolicy:
+    """Rebuild a fitted policy from ``policy.to_dict()`` (the policy.json object).
+
+    Everything is validated here, at load: the parameters through the policy's declaration
+    (``PARAMS``: types, ranges, finiteness), the fitted state by ``ExitPolicy.load_state`` (the
+    calibrators' states, thresholds, certified, n_needed, summary). Any problem is a one-line
+    DataError, prefixed by ``where`` (the file it came from) when given.
+    """
+    try:
+        return _policy_from_dict(d)
+    except DataError as exc:
+        if where is None:
+            raise
+        raise DataError(f"{where}: {exc}") from None
+
+
+def _policy_from_dict(d: dict[str, Any]) -> ExitPolicy:
     if not isinstance(d, dict):
         raise DataError("policy JSON must be an object")
     version = d.get("schema_version")
@@ -60,9 +75,13 @@ def policy_from_dict(d: dict[str, Any]) -> ExitPolicy:
     for key in ("policy", "params", "state"):
         if key not in d:
             raise DataError(f"policy JSON is missing {key!r}; re-run calibrate to regenerate policy.json")
+    if not isinstance(d["policy"], str) or d["policy"] not in POLICIES:
+        raise DataError(f"policy JSON: unknown policy {d['policy']!r}; known: {', '.join(POLICIES.names())}")
+    if not isinstance(d["params"], dict):
+        raise DataError("policy JSON: params must be an object; re-run calibrate to regenerate policy.json")
     try:
         policy = POLICIES.create(d["policy"], **d["params"])
-    except (ConfigError, TypeError) as exc:
+    except (ConfigError, UnknownNameError, TypeError) as exc:
         raise DataError(f"policy JSON has parameters policy {d['policy']!r} does not accept: {exc}") from None
     policy.load_state(d["state"])
     return policy

@@ -64,12 +64,19 @@ def _enc_threshold(t: float) -> float | str:
     return float(t) if math.isfinite(t) else ("inf" if t > 0 else "-inf")
 
 
-def _dec_threshold(v: float | str) -> float:
+def _dec_threshold(v: Any, key: str = "threshold") -> float:
+    """A threshold read from policy.json: a finite number, or "inf" / "-inf" (never NaN, never a
+    bool or other text: those would make every exit decision and metric meaningless)."""
     if isinstance(v, str):
         if v not in ("inf", "-inf"):
-            raise DataError(f"threshold must be a number, 'inf' or '-inf', got {v!r}")
+            raise DataError(f"policy JSON: state.{key}={v!r}: expected a number, 'inf' or '-inf'; {_REFIT}")
         return math.inf if v == "inf" else -math.inf
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        raise DataError(f"policy JSON: state.{key}={v!r}: expected a number, 'inf' or '-inf'; {_REFIT}")
     return float(v)
+
+
+_REFIT = "re-run calibrate to regenerate policy.json"
 
 
 def check_scores(scores: dict[str, np.ndarray], need_select: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -211,7 +218,10 @@ class ExitPolicy:
         if frac > 0:
             fit_idx, cert_idx = stratified_split(yy, frac, self.seed)
             if len(fit_idx) == 0 or len(cert_idx) == 0:
-                raise DataError(f"calib_fraction={frac} leaves an empty part of {len(yy)} rows")
+                if self.guarantee == "none":
+                    raise DataError(f"calib_fraction={frac} leaves an empty part of {len(yy)} rows")
+                # too few rows to split: fit the calibrators on all of them, certify nothing (see fit)
+                fit_idx, cert_idx = np.arange(len(yy)), np.zeros(0, dtype=np.int64)
         else:
             fit_idx = cert_idx = np.arange(len(yy))
         if self.calibrator is not None:
@@ -223,9 +233,32 @@ class ExitPolicy:
             self.select_cal = CALIBRATORS.create(self.select_calibrator).fit(select[fit_idx], correct[fit_idx])
         return p, self._s(p, select), yy, fit_idx, cert_idx, frac
 
+    def min_positives(self) -> int | None:
+        """Calibration positives (y=1) this policy needs to certify anything even when it observes no
+        error at all (a lower bound on ``n_needed``); None for policies that certify nothing."""
+        return None
+
+    def _too_few(self, yy: np.ndarray, frac: float) -> None:
+        """The not-certified state of a val_calib too small to split into a calibrator part and a
+        certification part: certified false, every row deferred, and the size needed (not an error:
+        the contract of calibrate is exit 0 and a report of what is missing)."""
+        self.n_needed = self.min_positives()
+        need = (f"at least {self.n_needed} calibration positives (y=1) are needed in the certification part "
+                f"(the {1 - frac:g} of val_calib that does not fit the calibrator)"
+                if self.n_needed is not None else "more rows are needed")
+        self.reason = (f"not certifiable: val_calib has {len(yy)} rows ({int(yy.sum())} positives), too few to "
+                       f"split calib_fraction={frac:g} into a calibrator part and a certification part; {need}; "
+                       "every image is deferred")
+        self.summary = {"n_calib": int(len(yy)), "n_fit_calibrator": int(len(yy)), "n_certify": 0,
+                        "n_pos_certify": 0}
+        self.fitted = True
+
     def fit(self, scores: dict[str, np.ndarray], y: np.ndarray) -> "ExitPolicy":
         """Fit calibrators and thresholds on val_calib scores and labels; returns self."""
         p, s, yy, fit_idx, cert_idx, frac = self._fit_calibrators(scores, y)
+        if len(cert_idx) == 0:
+            self._too_few(yy, frac)
+            return self
         yhat = (p >= 0.5).astype(np.int64)
         self._fit_thresholds(s[cert_idx], yhat[cert_idx], yy[cert_idx])
         ex = s[cert_idx] >= np.where(yhat[cert_idx] == 1, self.t1, self.t0)
@@ -286,19 +319,46 @@ class ExitPolicy:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore the fitted state written by ``to_dict()['state']``."""
+        """Restore the fitted state written by ``to_dict()['state']``, validating every field here, at
+        load (a hand-edited policy.json must not yield meaningless decisions): the calibrators'
+        names match the parameters and their states are checked (``calibrator_from_dict``); t0 / t1
+        are numbers or +-inf, never NaN; certified is a JSON boolean; reason a string; n_needed a
+        non-negative integer or null; summary an object. A DataError names the field and the fix."""
+        if not isinstance(state, dict):
+            raise DataError(f"policy JSON: state must be an object; {_REFIT}")
         self._reset()
+        missing = [k for k in ("t0", "t1", "certified", "reason") if k not in state]
+        if missing:
+            raise DataError(f"policy JSON: state is missing {', '.join(missing)}; {_REFIT}")
         cal, scal = state.get("calibrator"), state.get("select_calibrator")
-        if (cal is None) != (self.calibrator is None):
-            raise DataError("policy JSON: calibrator state does not match the calibrator parameter")
+        for key, given, declared in (("calibrator", cal, self.calibrator),
+                                     ("select_calibrator", scal, self.select_calibrator)):
+            if (given is None) != (declared is None):
+                raise DataError(f"policy JSON: {key} state does not match the {key} parameter; {_REFIT}")
+            if given is not None and (not isinstance(given, dict) or given.get("name") != declared):
+                name = given.get("name") if isinstance(given, dict) else given
+                raise DataError(f"policy JSON: state.{key} is {name!r} but the parameter says {declared!r}; {_REFIT}")
         self.cal = calibrator_from_dict(cal) if cal is not None else None
         self.select_cal = calibrator_from_dict(scal) if scal is not None else None
-        self.t0 = _dec_threshold(state["t0"])
-        self.t1 = _dec_threshold(state["t1"])
-        self.certified = bool(state["certified"])
-        self.reason = str(state["reason"])
-        self.n_needed = None if state.get("n_needed") is None else int(state["n_needed"])
-        self.summary = dict(state.get("summary") or {})
+        self.t0 = _dec_threshold(state["t0"], "t0")
+        self.t1 = _dec_threshold(state["t1"], "t1")
+        certified = state["certified"]
+        if not isinstance(certified, bool):
+            raise DataError(f"policy JSON: state.certified={certified!r}: expected true or false; {_REFIT}")
+        if certified and self.guarantee == "none":
+            raise DataError(f"policy JSON: state.certified is true but policy {self.name!r} certifies nothing; {_REFIT}")
+        self.certified = certified
+        if not isinstance(state["reason"], str):
+            raise DataError(f"policy JSON: state.reason must be a string; {_REFIT}")
+        self.reason = state["reason"]
+        n_needed = state.get("n_needed")
+        if n_needed is not None and (isinstance(n_needed, bool) or not isinstance(n_needed, int) or n_needed < 0):
+            raise DataError(f"policy JSON: state.n_needed={n_needed!r}: expected an integer >= 0 or null; {_REFIT}")
+        self.n_needed = n_needed
+        summary = state.get("summary")
+        if summary is not None and not isinstance(summary, dict):
+            raise DataError(f"policy JSON: state.summary must be an object; {_REFIT}")
+        self.summary = dict(summary or {})
         self.fitted = True
 
     def __repr__(self) -> str:

@@ -40,13 +40,48 @@ import numpy as np
 from scipy.optimize import isotonic_regression, minimize
 from scipy.special import expit, log_softmax, softmax
 
-from stage1._core.errors import DataError
+from stage1._core.errors import ConfigError, DataError
 from stage1._core.params import Param, Params
 from stage1._core.registry import Registry
 
 CALIBRATORS: Registry = Registry("calibrator")
 
-__all__ = ["CALIBRATORS", "Calibrator", "as_logits", "calibrator_from_dict", "platt_targets", "score_logit"]
+__all__ = ["CALIBRATORS", "Calibrator", "as_logits", "calibrator_from_dict", "platt_targets", "score_logit",
+           "state_number", "state_array"]
+
+_REFIT = "re-run calibrate to regenerate policy.json"
+
+
+def state_number(state: dict[str, Any], key: str, who: str, *, low: float | None = None,
+                 low_open: bool = False, optional: bool = False) -> float | None:
+    """``state[key]`` as a finite float (> / >= ``low``), checked at load: a DataError naming the
+    calibrator, the key and the fix. Booleans and strings are refused (JSON ``true`` is not 1.0)."""
+    v = state.get(key)
+    if v is None and optional:
+        return None
+    bad = (v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)
+           or (low is not None and (v < low or (low_open and v == low))))
+    if bad:
+        rng = "" if low is None else f" {'>' if low_open else '>='} {low:g}"
+        raise DataError(f"calibrator {who!r} state: {key}={v!r}: expected a finite number{rng}; {_REFIT}")
+    return float(v)
+
+
+def state_array(state: dict[str, Any], key: str, who: str, ndim: int) -> np.ndarray:
+    """``state[key]`` as a finite float64 array of ``ndim`` dimensions, checked at load (DataError)."""
+    v = state.get(key)
+    try:
+        if not isinstance(v, list):
+            raise ValueError
+        a = np.asarray(v, dtype=np.float64)
+        if any(isinstance(x, bool) for x in np.asarray(v, dtype=object).ravel()):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DataError(f"calibrator {who!r} state: {key} must be a {ndim}-D list of numbers; {_REFIT}") from None
+    if a.ndim != ndim or not np.all(np.isfinite(a)):
+        raise DataError(f"calibrator {who!r} state: {key} must be a {ndim}-D list of finite numbers, "
+                        f"got shape {a.shape}; {_REFIT}")
+    return a
 
 
 def as_logits(x: np.ndarray) -> np.ndarray:
@@ -208,12 +243,29 @@ class Calibrator:
 
 
 def calibrator_from_dict(d: dict[str, Any]) -> Calibrator:
-    """Rebuild a fitted calibrator from ``Calibrator.to_dict()`` output."""
+    """Rebuild a fitted calibrator from ``Calibrator.to_dict()`` output.
+
+    Everything is validated here, at load: the name (a registered calibrator), the parameters
+    (through the calibrator's ``PARAMS``) and the state (each ``load_state`` checks types, ranges,
+    finiteness and shapes). Any problem is a one-line DataError.
+    """
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+        raise DataError(f"calibrator JSON must be an object with a name, params and state; {_REFIT}")
+    if d["name"] not in CALIBRATORS:
+        raise DataError(f"calibrator JSON: unknown calibrator {d['name']!r}; known: {', '.join(CALIBRATORS.names())}")
+    params, state = d.get("params", {}), d.get("state")
+    if not isinstance(params, dict) or not isinstance(state, dict):
+        raise DataError(f"calibrator {d['name']!r} JSON: params and state must be objects; {_REFIT}")
     try:
-        cal = CALIBRATORS.create(d["name"], **d.get("params", {}))
-        cal.load_state(d["state"])
-    except KeyError as exc:
-        raise DataError(f"calibrator JSON is missing {exc}; expected keys name, params, state") from None
+        cal = CALIBRATORS.create(d["name"], **params)
+    except ConfigError as exc:
+        raise DataError(f"calibrator JSON: {exc}; {_REFIT}") from None
+    try:
+        cal.load_state(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"calibrator {d['name']!r} state is missing or malformed ({exc}); {_REFIT}") from None
     cal.fitted = True
     return cal
 
@@ -264,7 +316,8 @@ class Temperature(Calibrator):
         return {"temperature": self.temperature}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.temperature = float(state["temperature"])
+        # T <= 0 would invert (T < 0) or divide by zero (T = 0) every prediction
+        self.temperature = state_number(state, "temperature", self.name, low=0.0, low_open=True)
 
 
 #: what a fitted Platt calibrator was given (its state's ``input``).
@@ -350,7 +403,8 @@ class Platt(Calibrator):
         return {"a": self.a, "b": self.b, "input": self.input}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.a, self.b = float(state["a"]), float(state["b"])
+        self.a = state_number(state, "a", self.name)
+        self.b = state_number(state, "b", self.name)
         kind = state.get("input")
         if kind is not None and kind not in PLATT_INPUTS:
             raise DataError(f"platt state: input must be one of {', '.join(PLATT_INPUTS)}, got {kind!r}")
@@ -386,8 +440,14 @@ class Isotonic(Calibrator):
         return {"x": self.x_knots.tolist(), "y": self.y_knots.tolist()}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.x_knots = np.asarray(state["x"], dtype=np.float64)
-        self.y_knots = np.asarray(state["y"], dtype=np.float64)
+        x, y = state_array(state, "x", self.name, 1), state_array(state, "y", self.name, 1)
+        if len(x) == 0 or len(x) != len(y):
+            raise DataError(f"calibrator 'isotonic' state: x and y must be non-empty and of one length "
+                            f"(got {len(x)} and {len(y)}); {_REFIT}")
+        if np.any(np.diff(x) <= 0) or np.any(np.diff(y) < 0) or y.min() < 0.0 or y.max() > 1.0:
+            raise DataError("calibrator 'isotonic' state: knots must have increasing x and non-decreasing y "
+                            f"in [0, 1]; {_REFIT}")
+        self.x_knots, self.y_knots = x, y
 
 
 # the ODIR family registers itself (dirichlet, beta, matrix); imported last: it builds on the above

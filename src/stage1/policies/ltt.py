@@ -215,7 +215,14 @@ class LTTPolicy(ExitPolicy):
             self.summary.update(p_value=float(tab["p"][i, j]), calib_risk_hat=float(risk_hat[i, j]))
             return
         self.n_needed = self._n_needed(tab, risk_hat, level, y)
-        if self.n_needed is None:
+        if int(y.sum()) == 0:
+            self.n_needed = self.min_positives(level)
+            self.reason = (
+                f"not certifiable: the certification part of val_calib has no positives (y=1), so {self.risk} "
+                f"cannot be estimated; at least {self.n_needed} calibration positives are needed (more if the "
+                "model errs on them); add labelled positives to val_calib; every image is deferred"
+            )
+        elif self.n_needed is None:
             self.reason = (
                 f"not certifiable: the observed {self.risk} is >= alpha={self.alpha:g}"
                 + (f" (or selective error >= eps={self.eps:g})" if self.eps is not None else "")
@@ -228,6 +235,12 @@ class LTTPolicy(ExitPolicy):
                 f"observed error rates about {self.n_needed} calibration positives are needed; "
                 "every image is deferred"
             )
+
+    def min_positives(self, level: float | None = None) -> int | None:
+        """Positives needed to certify even at zero observed error: the binomial test at ``level``
+        (default delta, the most lenient per-test level) passes on n error-free trials."""
+        need = float(trials_needed(np.zeros(1), self.alpha, self.delta if level is None else level, self.pvalue)[0])
+        return int(math.ceil(need)) if math.isfinite(need) else None
 
     @staticmethod
     def _best(valid: np.ndarray, exits: np.ndarray, risk_hat: np.ndarray) -> tuple[int, int]:

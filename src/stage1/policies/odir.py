@@ -22,7 +22,8 @@ from scipy.special import log_softmax, softmax
 
 from stage1._core.errors import DataError
 from stage1._core.params import Param, Params
-from stage1.policies.calibrators import CALIBRATORS, Calibrator, MAX_ITER_HELP, _lbfgs, _nll_and_grad_z, _require_binary
+from stage1.policies.calibrators import (CALIBRATORS, Calibrator, MAX_ITER_HELP, _lbfgs, _nll_and_grad_z,
+                                         _require_binary, state_array, state_number)
 
 #: the values cross-validation tries for lam and for mu: the ODIR grid of Kull et al. (2019)'s
 #: non-neural experiments (``l2_odir`` with ``reg_norm=True`` in dirichletcal/experiments_neurips),
@@ -198,14 +199,24 @@ class _LinearODIR(Calibrator):
         return {"W": self.W.tolist(), "b": self.b.tolist(), "lam": self.lam, "mu": self.mu, "cv": self.cv}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.W = np.asarray(state["W"], dtype=np.float64)
-        self.b = np.asarray(state["b"], dtype=np.float64)
+        W, b = state_array(state, "W", self.name, 2), state_array(state, "b", self.name, 1)
+        k = W.shape[0]
+        if k < 2 or W.shape != (k, k) or b.shape != (k,) or (self.name == "beta" and k != 2):
+            raise DataError(f"calibrator {self.name!r} state: W must be [k, k] and b [k] with k >= 2 "
+                            f"(2 for beta), got {W.shape} and {b.shape}; re-run calibrate to regenerate policy.json")
+        self.W, self.b = W, b
         # states written before lam / mu were recorded keep the declared values (numbers then)
-        if state.get("lam") is not None:
-            self.lam = float(state["lam"])
-        if state.get("mu") is not None:
-            self.mu = float(state["mu"])
-        self.cv = state.get("cv")
+        lam = state_number(state, "lam", self.name, low=0.0, optional=True)
+        mu = state_number(state, "mu", self.name, low=0.0, optional=True)
+        if lam is not None:
+            self.lam = lam
+        if mu is not None:
+            self.mu = mu
+        cv = state.get("cv")
+        if cv is not None and not isinstance(cv, dict):
+            raise DataError(f"calibrator {self.name!r} state: cv must be an object or null; "
+                            "re-run calibrate to regenerate policy.json")
+        self.cv = cv
 
 
 @CALIBRATORS.register("dirichlet")

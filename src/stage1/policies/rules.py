@@ -83,13 +83,17 @@ class CRCPolicy(ExitPolicy):
         """CRC bounds the expected controlled risk over the draw of val_calib, nothing else."""
         return {self.risk: "expectation"}
 
+    def min_positives(self) -> int:
+        """CRC certifies once alpha * (n + 1) >= 1: n >= 1 / alpha - 1 calibration positives."""
+        return math.ceil(1.0 / self.alpha - 1.0 - 1e-9)
+
     def _fit_thresholds(self, s: np.ndarray, yhat: np.ndarray, y: np.ndarray) -> None:
         risk = get_risk(self.risk)
         counted = np.asarray(risk.counted(y, yhat, True), dtype=bool)  # the fixed population
         n = int(counted.sum())
         k_max = math.floor(self.alpha * (n + 1) - 1 + 1e-9)  # allowed misses among n positives
         if k_max < 0:
-            self.n_needed = math.ceil(1.0 / self.alpha - 1.0 - 1e-9)
+            self.n_needed = self.min_positives()
             self.reason = (
                 f"not certifiable: CRC at alpha={self.alpha:g} needs at least {self.n_needed} calibration "
                 f"positives, val_calib has {n}; every image is deferred"

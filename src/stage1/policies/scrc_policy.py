@@ -82,6 +82,8 @@ class SCRCPolicy(ExitPolicy):
     def fit(self, scores: dict[str, np.ndarray], y: np.ndarray) -> "SCRCPolicy":
         """Fit the calibrators on a part of val_calib and SCRC-I on the rest (the base conventions)."""
         p, s, yy, fit_idx, cert_idx, frac = self._fit_calibrators(scores, y)
+        if len(cert_idx) == 0:  # SCRC's state needs certification rows: still an error here
+            raise DataError(f"calib_fraction={frac} leaves an empty part of {len(yy)} rows")
         st = fit_scrc(
             s[cert_idx], p[cert_idx], yy[cert_idx], xi=self.xi, alpha=self.alpha, delta=self.delta,
             delta_split=self.delta_split, selection_bound=self.selection_bound, risk_bound=self.risk_bound,

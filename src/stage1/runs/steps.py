@@ -38,8 +38,8 @@ def load_split_arrays(store_path: str | os.PathLike[str]) -> dict[str, Any]:
     from stage1.featstore import open_store
     from stage1.featstore.splits import load_splits
 
-    splits = load_splits(_splits_file(store_path))
     store = open_store(str(store_path))
+    splits = load_splits(_splits_file(store_path), n_rows=store.rows)
     rows_all = np.unique(np.concatenate([splits[s] for s in SPLIT_NAMES]))
     feats = store.load_features(rows=rows_all)  # [m, V, D] float32, read once
     pos = {int(r): i for i, r in enumerate(rows_all)}
@@ -226,7 +226,7 @@ def evaluate_run(run: str | os.PathLike[str], split: str = "test") -> dict[str, 
 
     cfg = layout.read_config(run)
     policy_json = layout.read_policy(run)
-    policy = policy_from_dict(policy_json)
+    policy = policy_from_dict(policy_json, where=str(Path(run) / layout.POLICY))
     scores, y, _, dropped = layout.split_scores(run, split)
     if len(y) == 0:
         raise DataError(f"{Path(run) / layout.SCORES}: split {split!r} has no labelled rows to evaluate")

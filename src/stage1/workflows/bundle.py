@@ -111,6 +111,7 @@ def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> di
     backbone = dict(prov["backbone"])
     head_meta = read_json(run / "head.json")
     policy = read_json(run / "policy.json")
+    _check_loadable(run, policy)  # a bundle never packages a hand-broken head or policy
     if int(head_meta.get("in_dim", -1)) != int(backbone.get("hidden_size", -2)):
         raise BundleError(f"{run}: head input width {head_meta.get('in_dim')} != backbone width "
                           f"{backbone.get('hidden_size')}; the run and its store disagree")
@@ -132,6 +133,19 @@ def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> di
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
     return json.loads(json.dumps(manifest, allow_nan=False))
+
+
+def _check_loadable(run: Path, policy: dict[str, Any]) -> None:
+    """Load the run's head and policy as ``predict`` will (every parameter and state validated at
+    load); a BundleError naming the file when either is unusable."""
+    from stage1.heads import load_head
+    from stage1.policies import policy_from_dict
+
+    try:
+        policy_from_dict(policy, where=str(run / "policy.json"))
+        load_head(run)
+    except DataError as exc:
+        raise BundleError(f"{exc}; nothing exported") from None
 
 
 def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False) -> Path:

@@ -131,7 +131,7 @@ class Stage1Predictor:
         head = load_head(path)
         if int(head.in_dim_) != int(bb.hidden_size):
             raise BundleError(f"{path}: head expects width {head.in_dim_}, backbone gives {bb.hidden_size}")
-        policy = policy_from_dict(read_json(Path(path) / "policy.json"))
+        policy = policy_from_dict(read_json(Path(path) / "policy.json"), where=str(Path(path) / "policy.json"))
         return cls(manifest, bb, head, policy, path)
 
     # -- steps (separately callable so their cost can be measured) ----------------------------------

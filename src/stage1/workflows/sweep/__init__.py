@@ -25,12 +25,12 @@ from .report import (
     SweepResult, pareto_trials, trial_rows, write_outputs, write_plots, write_trial_run, write_trials_csv,
 )
 from .run import optimize, run_sweep, run_worker, shares, worker_seed
-from .storage import GRACE_S, HEARTBEAT_S, check_resume, make_sampler, make_storage, open_study
+from .storage import GRACE_S, HEARTBEAT_S, check_resume, make_sampler, make_storage, open_study, redact_url
 
 __all__ = [
     "DIRECTIONS", "GRACE_S", "HEARTBEAT_S", "OBJECTIVE_NAMES", "SWEEP_SPLITS", "SweepData", "SweepResult",
     "check_resume", "constraint_values", "feasible", "fit_trial", "make_objective", "make_sampler",
-    "make_storage", "open_study", "optimize", "pareto_trials", "run_sweep", "run_worker", "shares",
+    "make_storage", "open_study", "redact_url", "optimize", "pareto_trials", "run_sweep", "run_worker", "shares",
     "store_fingerprint", "trial_constraints", "trial_metrics", "worker_seed", "write_outputs", "write_plots",
     "write_trial_run", "write_trials_csv",
 ]

@@ -40,7 +40,7 @@ class SweepData:
 
         store = open_store(str(store_path))
         try:
-            splits = load_splits(store_path)
+            splits = load_splits(store_path, n_rows=store.rows)
         except FileNotFoundError:
             raise MissingError(
                 f"{store_path}: no splits.json; run `stage1 split {store_path}` first"

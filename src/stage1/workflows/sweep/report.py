@@ -21,7 +21,7 @@ from .objective import CONSTRAINTS_KEY, OBJECTIVE_NAMES, RESULT_ATTR, feasible, 
 
 @dataclass
 class SweepResult:
-    """What ``run_sweep`` reports back."""
+    """What ``run_sweep`` reports back (``storage`` is the URL with its credentials redacted)."""
 
     study: str
     storage: str

@@ -20,7 +20,7 @@ from stage1.workflows.space import SearchSpace, resolve_space_path
 from .data import SweepData
 from .objective import make_objective
 from .report import SweepResult, write_outputs
-from .storage import check_resume, make_storage, open_study
+from .storage import check_resume, make_storage, open_study, redact_url
 
 
 def worker_seed(seed: int, n_existing: int, worker: int) -> int:
@@ -147,7 +147,7 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
     states: dict[str, int] = {}
     for t in study.trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
-    result = SweepResult(study=study_name, storage=storage, n_before=n_before, n_after=len(study.trials),
+    result = SweepResult(study=study_name, storage=redact_url(storage), n_before=n_before, n_after=len(study.trials),
                          states=states, seconds=seconds, out=None if out is None else str(out), runs=[],
                          best=None, plots={}, worker_exit_codes=exit_codes, workers=workers, threads=threads)
     if out is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from stage1._core.errors import DataError
 from stage1.workflows.space import SearchSpace
@@ -20,6 +21,35 @@ from .objective import DIRECTIONS, constraint_values
 #: seconds between a running trial's heartbeats, and without one before it counts as failed.
 HEARTBEAT_S = 10
 GRACE_S = 60
+
+
+#: query parameters of a storage URL whose values are secrets (redacted like a password).
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "sslpassword", "api_key", "apikey")
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` safe to show or save: the password of ``user:password@host`` and secret query values
+    (``?password=...``) become ``***``. Everything the sweep prints or writes (stdout, summary.json)
+    goes through this, so a PostgreSQL storage URL never leaks its password."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all: show nothing that could be a secret
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{REDACTED}@{host}" if ":" in userinfo else f"{userinfo}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in SECRET_QUERY_KEYS for k, _ in pairs):
+            query = urlencode([(k, REDACTED if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*")
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing secret (urlunsplit would also turn sqlite:///x into sqlite:/x)
+    head = f"{parts.scheme}://{netloc}" if parts.scheme else f"//{netloc}"
+    return head + urlunsplit(("", "", parts.path, query, parts.fragment))
 
 
 def make_storage(url: str) -> Any:
