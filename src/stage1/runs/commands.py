@@ -155,10 +155,22 @@ def train(store: str, head_name: str, run: str, params: tuple[str, ...], quiet: 
 @declared_option("--score", find=_policy_param("score"), owners=_policy_names, extra_choices=("auto",),
                  default="auto", show_default=True,
                  extra_help="'auto': select for heads with a learned selector (gate, selectivenet), else p.")
+@click.option("--views", type=click.Choice(("clean", "validator")), default="clean", show_default=True,
+              help="clean: view 0 of each image. validator: one cached view per image, its distortion level "
+                   "drawn 0-3 at 0.25 each among the levels the image has (the subnet's mix), with per-level "
+                   "metrics (needs a run trained on a store extracted with --views N --view-recipe validator).")
+@click.option("--view-seed", type=int, default=None,
+              help="Seed of the one-view-per-image draw (keyed on it and the store row). [default: 0; evaluate: "
+                   "the seed policy.json records]")
+@click.option("--per-level", is_flag=True,
+              help="With --views validator: also certify one policy per level, each on one view of that level "
+                   "per image; each level's guarantee holds for that level separately (reported in policy.json "
+                   "per_level and by evaluate --views validator; export / predict use the pooled policy).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other policy parameter (repeatable).")
 def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None, delta: float | None,
               eps: float | None, threshold: float | None, target_coverage: float | None, calibrator: str | None,
-              score: str, select_calibrator: str | None, params: tuple[str, ...]) -> None:
+              score: str, select_calibrator: str | None, params: tuple[str, ...], views: str = "clean",
+              view_seed: int | None = None, per_level: bool = False) -> None:
     """Fit an exit policy on the run's val_calib scores (only there) and write policy.json.
 
     When nothing can be certified (val_calib too small for alpha / delta) the policy is still
@@ -177,11 +189,14 @@ def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None,
     given.update(parse_params(params, "--param"))
     if "score" in given:
         raise ConfigError("set the score with --score, not --param score=...")
-    summary = calibrate_run(run, policy_name, given, score=score)
+    summary = calibrate_run(run, policy_name, given, score=score, views=views,
+                            view_seed=0 if view_seed is None else view_seed, per_level=per_level)
     if not summary["certified"] and summary["guarantee"] != "none":
         click.echo(f"NOT CERTIFIED: {summary['reason']}", err=True)
     else:
         click.echo(f"guarantee: {summary['statement']}", err=True)
+    if "per_level_statement" in summary:
+        click.echo(summary["per_level_statement"], err=True)
     click.echo(json.dumps(summary, indent=2, sort_keys=True))
 
 
@@ -189,13 +204,21 @@ def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None,
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", type=click.Choice(SPLIT_NAMES), default="test", show_default=True,
               help="Split to evaluate on (test = the report; others go to RUN/eval_SPLIT/).")
-def evaluate(run: str, split: str) -> None:
+@click.option("--views", type=click.Choice(("clean", "validator")), default="clean", show_default=True,
+              help="clean: view 0 of each image. validator: one cached view per image, its distortion level "
+                   "drawn 0-3 at 0.25 each among the levels the image has (the subnet's mix), with per-level "
+                   "metrics (needs a run trained on a store extracted with --views N --view-recipe validator).")
+@click.option("--view-seed", type=int, default=None,
+              help="Seed of the one-view-per-image draw (keyed on it and the store row). [default: 0; evaluate: "
+                   "the seed policy.json records]")
+def evaluate(run: str, split: str, views: str = "clean", view_seed: int | None = None) -> None:
     """Apply the run's policy to a split and write metrics.json, metrics.csv and PNG plots.
 
     metrics.json holds accuracy, mcc, nll, brier, ece, ece_top_label, aurc, eaurc, augrc, eaugrc,
-    coverage, selective_error, fnr_exit, miss_rate, defer_rate, n (and more).
+    coverage, selective_error, fnr_exit, miss_rate, defer_rate, n (and more). With --views
+    validator: on one drawn view per image, plus level{0-3}_* metrics, in RUN/eval_SPLIT_validator/.
     """
     from stage1.runs.steps import evaluate_run
 
-    metrics = evaluate_run(run, split)
+    metrics = evaluate_run(run, split, views=views, view_seed=view_seed)
     click.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))

@@ -4,7 +4,9 @@ Layout (DESIGN "Artifacts"): ``config.json`` (resolved, never overwritten), ``sp
 (copied from the store), ``head.safetensors`` + ``head.json`` (``Head.save``),
 ``scores.safetensors`` (per split: ``{split}.logits`` [n, 2] float32, ``{split}.select`` [n]
 float32, ``{split}.y`` [n] int8 with -1 = unlabelled, ``{split}.rows`` [n] int64 store rows),
-``policy.json`` (``calibrate``), ``metrics.json`` / ``metrics.csv`` / PNG plots (``evaluate``).
+optionally (runs trained on a store that records view levels) ``{split}.view_logits`` [n, V, 2]
+float32, ``{split}.view_select`` [n, V] float32 and ``{split}.view_levels`` [n, V] int8 (every cached
+view's scores; -1 = not a validator view), ``policy.json`` (``calibrate``), ``metrics.json`` / ``metrics.csv`` / PNG plots (``evaluate``).
 Pure numpy + JSON: reading a run never needs torch.
 """
 from __future__ import annotations
@@ -35,6 +37,9 @@ METRICS_CSV = "metrics.csv"
 PLOT_RISK_COVERAGE = "risk_coverage.png"
 PLOT_RELIABILITY = "reliability.png"
 SCORE_FIELDS = ("logits", "select", "y", "rows")
+VIEW_FIELDS = ("view_logits", "view_select", "view_levels")
+NO_VIEW_SCORES_FIX = ("re-train on a store with views (`stage1 extract ... --views N --view-recipe validator`, "
+                      "`split`, then `train`)")
 
 
 class RunDirError(DataError):
@@ -95,20 +100,38 @@ def write_scores(run: str | os.PathLike[str], per_split: dict[str, dict[str, np.
         tensors[f"{split}.select"] = np.asarray(d["select"], dtype=np.float32).reshape(n)
         tensors[f"{split}.y"] = np.asarray(d["y"], dtype=np.int8).reshape(n)
         tensors[f"{split}.rows"] = np.asarray(d["rows"], dtype=np.int64).reshape(n)
+        have = [f for f in VIEW_FIELDS if f in d]
+        if have and len(have) != len(VIEW_FIELDS):
+            raise ValueError(f"view scores for split {split!r} need all of {', '.join(VIEW_FIELDS)}")
+        if have:
+            vl = np.asarray(d["view_logits"], dtype=np.float32)
+            v = vl.shape[1] if vl.ndim == 3 else -1
+            tensors[f"{split}.view_logits"] = vl.reshape(n, v, 2)
+            tensors[f"{split}.view_select"] = np.asarray(d["view_select"], dtype=np.float32).reshape(n, v)
+            tensors[f"{split}.view_levels"] = np.asarray(d["view_levels"], dtype=np.int8).reshape(n, v)
     meta = {"schema_version": str(SCHEMA_VERSION), "splits": ",".join(per_split), **(metadata or {})}
     save_safetensors_atomic(tensors, Path(run) / SCORES, metadata=meta)
 
 
-def read_scores(run: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:
-    """``{split: {"logits", "select", "y", "rows"}}`` from scores.safetensors."""
+def _read_all(run: str | os.PathLike[str]) -> tuple[Path, dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
     path = _need(Path(run) / SCORES, "scores", "run `train` to produce it")
     flat = load_safetensors(path)
     out: dict[str, dict[str, np.ndarray]] = {}
+    views: dict[str, dict[str, np.ndarray]] = {}
     for key, arr in flat.items():
         split, _, field = key.rpartition(".")
-        if field not in SCORE_FIELDS:
+        if field in VIEW_FIELDS:
+            views.setdefault(split, {})[field] = arr
+        elif field in SCORE_FIELDS:
+            out.setdefault(split, {})[field] = arr
+        else:
             raise RunDirError(f"{path}: unexpected tensor {key!r}")
-        out.setdefault(split, {})[field] = arr
+    return path, out, views
+
+
+def read_scores(run: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:
+    """``{split: {"logits", "select", "y", "rows"}}`` (view 0) from scores.safetensors."""
+    path, out, _ = _read_all(run)
     for split, d in out.items():
         if set(d) != set(SCORE_FIELDS):
             raise RunDirError(f"{path}: split {split!r} has {sorted(d)}, expected {list(SCORE_FIELDS)}")
@@ -127,6 +150,31 @@ def split_scores(run: str | os.PathLike[str], split: str, labelled_only: bool = 
     return scores, d["y"][keep].astype(np.int64), d["rows"][keep], int((~keep).sum())
 
 
+def has_view_scores(run: str | os.PathLike[str], split: str) -> bool:
+    """True when scores.safetensors holds every cached view's scores of ``split``."""
+    return len(_read_all(run)[2].get(split, {})) == len(VIEW_FIELDS)
+
+
+def split_view_scores(run: str | os.PathLike[str], split: str, labelled_only: bool = True
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
+    """({"view_logits" [n, V, 2], "view_select" [n, V], "view_levels" [n, V]}, y, rows, #unlabelled dropped).
+
+    RunDirError when the run has no view scores (written before they existed, or trained on a store
+    that records no view levels): the message names the fix.
+    """
+    path, out, views = _read_all(run)
+    if split not in out:
+        raise RunDirError(f"{path}: no split {split!r}; have {', '.join(sorted(out))}")
+    v = views.get(split, {})
+    if len(v) != len(VIEW_FIELDS):
+        raise RunDirError(f"{path}: this run has no view scores for {split!r} (its store records no view "
+                          f"levels, or an older version trained it); {NO_VIEW_SCORES_FIX}")
+    d = out[split]
+    keep = d["y"] >= 0 if labelled_only else np.ones(len(d["y"]), dtype=bool)
+    return ({f: v[f][keep] for f in VIEW_FIELDS}, d["y"][keep].astype(np.int64), d["rows"][keep],
+            int((~keep).sum()))
+
+
 def write_policy(run: str | os.PathLike[str], policy_dict: dict[str, Any]) -> Path:
     """Write policy.json (the policy's ``to_dict()`` plus where it was fit)."""
     path = Path(run) / POLICY
@@ -139,6 +187,9 @@ def read_policy(run: str | os.PathLike[str]) -> dict[str, Any]:
     return read_json(_need(Path(run) / POLICY, "policy", "run `calibrate RUN --policy NAME` first"))
 
 
-def eval_dir(run: str | os.PathLike[str], split: str) -> Path:
-    """Where ``evaluate`` writes: the run folder for test, ``eval_{split}/`` for other splits."""
+def eval_dir(run: str | os.PathLike[str], split: str, views: str = "clean") -> Path:
+    """Where ``evaluate`` writes: the run folder for test, ``eval_{split}/`` for other splits;
+    with ``views="validator"`` always ``eval_{split}_validator/`` (view-0 results stay where they were)."""
+    if views != "clean":
+        return Path(run) / f"eval_{split}_{views}"
     return Path(run) if split == "test" else Path(run) / f"eval_{split}"

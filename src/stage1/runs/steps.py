@@ -44,10 +44,14 @@ def load_split_arrays(store_path: str | os.PathLike[str]) -> dict[str, Any]:
     feats = store.load_features(rows=rows_all)  # [m, V, D] float32, read once
     pos = {int(r): i for i, r in enumerate(rows_all)}
     labels = np.asarray(store.labels, dtype=np.int64)
-    out: dict[str, Any] = {"store": store, "views": int(feats.shape[1]), "dim": int(feats.shape[2])}
+    levels = store.view_levels()  # [N, V] int8 or None (store made without validator views)
+    out: dict[str, Any] = {"store": store, "views": int(feats.shape[1]), "dim": int(feats.shape[2]),
+                           "has_view_levels": levels is not None}
     for s in SPLIT_NAMES:
         rows = splits[s]
         out[s] = {"x": feats[[pos[int(r)] for r in rows]], "y": labels[rows], "rows": rows}
+        if levels is not None:
+            out[s]["levels"] = levels[np.asarray(rows, dtype=np.int64)]
     return out
 
 
@@ -71,8 +75,12 @@ class _EpochBar:
 
 
 def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathLike[str],
-              hparams: dict[str, Any], *, progress: bool = True, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Train ``head_name`` with ``hparams`` on STORE's splits and write the run folder; a summary."""
+              hparams: dict[str, Any], *, progress: bool = True, argv: Sequence[str] | None = None,
+              train_views: bool = True) -> dict[str, Any]:
+    """Train ``head_name`` with ``hparams`` on STORE's splits and write the run folder; a summary.
+
+    ``train_views``: fit on every cached view of the train rows (default) or on view 0 only.
+    """
     from stage1._core.io import json_safe, sha256_file, utc_timestamp
 
     from stage1.heads import HEADS
@@ -96,7 +104,8 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
     head.progress_callback = bar
     t1 = time.perf_counter()
     try:
-        head.fit(tr["x"][keep_tr], tr["y"][keep_tr], X_val=x_val, y_val=y_val)
+        x_tr = tr["x"][keep_tr] if train_views else tr["x"][keep_tr][:, :1]
+        head.fit(x_tr, tr["y"][keep_tr], X_val=x_val, y_val=y_val)
     finally:
         bar.close()
     t_fit = time.perf_counter() - t1
@@ -107,6 +116,8 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
         d = data[s]
         sc = head.predict_scores(d["x"][:, 0]) if len(d["rows"]) else {"logits": np.zeros((0, 2)), "select": np.zeros(0)}
         per_split[s] = {**sc, "y": d["y"], "rows": d["rows"]}
+        if "levels" in d and len(d["rows"]):
+            per_split[s].update(_view_scores(head, d["x"], d["levels"]))
     layout.write_scores(run, per_split, metadata={"head": head_name})
     layout.copy_splits(run, splits_path)
     store_obj = data["store"]
@@ -123,13 +134,14 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
             "dtype": str(store_obj.dtype),
             "provenance": store_obj.provenance,
             "splits_sha256": sha256_file(splits_path),
+            "view_levels": data["has_view_levels"],
         },
         "splits": {s: {"n": int(len(data[s]["rows"])), "labelled": int((data[s]["y"] >= 0).sum()),
                        "positives": int((data[s]["y"] == 1).sum())} for s in SPLIT_NAMES},
         "head": head_name,
         "head_has_selector": bool(getattr(head, "HAS_SELECTOR", False)),
         "hparams": head.get_params(),
-        "training": {"history": hist, "unlabelled_train_rows_skipped": int((~keep_tr).sum()),
+        "training": {"history": hist, "views": "all cached views" if train_views else "view 0 only", "unlabelled_train_rows_skipped": int((~keep_tr).sum()),
                      "early_stopping_on": "val_select" if x_val is not None and head.hparams["early_stopping"]
                      else "none (fixed epochs, last weights kept)",
                      "seconds_load": round(t_load, 3), "seconds_fit": round(t_fit, 3),
@@ -141,6 +153,14 @@ def train_run(store: str | os.PathLike[str], head_name: str, run: str | os.PathL
             "epochs_run": None if hist is None else hist["epochs_run"], "seconds_fit": round(t_fit, 3),
             "val_select": val_summary, "splits": config["splits"],
             **({"crc_term_fraction": hist["crc_term_fraction"]} if hist and "crc_term_fraction" in hist else {})}
+
+
+def _view_scores(head: Any, x: np.ndarray, levels: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores of every cached view ([n, V, 2] logits, [n, V] select) and the views' levels."""
+    n, v, dim = x.shape
+    sc = head.predict_scores(x.reshape(n * v, dim))
+    return {"view_logits": np.asarray(sc["logits"]).reshape(n, v, 2),
+            "view_select": np.asarray(sc["select"]).reshape(n, v), "view_levels": levels}
 
 
 def _quick_summary(d: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -169,8 +189,16 @@ def _threads() -> int:
 
 def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[str, Any],
                   score: str = "auto", *, part: str = "all", selection: "SelectionRecord | None" = None,
-                  certify_fraction: float | None = None, part_seed: int = 0) -> dict[str, Any]:
+                  certify_fraction: float | None = None, part_seed: int = 0, views: str = "clean",
+                  view_seed: int = 0, per_level: bool = False) -> dict[str, Any]:
     """Fit ``policy_name`` on the run's val_calib scores and write policy.json; a summary.
+
+    ``views``: "clean" (view 0, the default) or "validator": one view per val_calib image, drawn
+    with the subnet's level mix (``policies.views.draw_one_view``, keyed on ``view_seed`` and the
+    store row; the draw is recorded in policy.json), and per-level metrics of the fitted policy on
+    those rows. ``per_level`` (validator only): also certify one policy per level on one view of
+    that level per image; each level's guarantee holds for that level alone (policy.json
+    ``per_level``; the pooled policy stays the one export / predict use).
 
     ``part`` picks the rows: "all" of val_calib (one candidate, nothing chosen on it), "choose"
     (comparing candidates: the fit is recorded as not a guarantee) or "certify" (the held-out
@@ -196,52 +224,176 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
     except TypeError as exc:
         raise ConfigError(f"policy {policy_name!r} does not accept these parameters ({exc}); "
                           "see `calibrate --help`") from None
-    scores, y, rows, dropped = layout.split_scores(run, "val_calib")
+    _check_views(views, per_level)
     fraction = DEFAULT_CERTIFY_FRACTION if certify_fraction is None else float(certify_fraction)
-    keep = part_mask(part, rows, y, fraction, part_seed)
-    scores, y = {k: v[keep] for k, v in scores.items()}, y[keep]
+    if selection is None:
+        selection = SelectionRecord("none" if part == "all" else "holdout", 1, part, fraction, part_seed)
+    vdraw: dict[str, Any] | None = None
+    if views == "validator":
+        vd = _validator_draw(run, "val_calib", view_seed, part=part, fraction=fraction, part_seed=part_seed)
+        scores, y, dropped = vd["scores"], vd["y"], vd["dropped"]
+    else:
+        scores, y, rows, dropped = layout.split_scores(run, "val_calib")
+        keep = part_mask(part, rows, y, fraction, part_seed)
+        scores, y = {k: v[keep] for k, v in scores.items()}, y[keep]
     if len(y) == 0:
         raise DataError(f"{Path(run) / layout.SCORES}: val_calib ({part}) has no labelled rows; nothing to calibrate on")
     policy.fit(scores, y)
-    if selection is None:
-        selection = SelectionRecord("none" if part == "all" else "holdout", 1, part, fraction, part_seed)
     d = policy.to_dict()
     d["fit"] = {"split": "val_calib", "part": part, "n": int(len(y)), "positives": int(y.sum()),
                 "unlabelled_skipped": dropped, "head": cfg.get("head"), "run_config_created": cfg.get("created")}
     d["selection"] = selection.to_dict()
     d["statement"] = guarantee_statement(d)
+    if views == "validator":
+        from stage1.policies.views import per_level_metrics
+
+        dec = policy.decide(scores)
+        vdraw = {"mode": "validator", "seed": int(view_seed),
+                 "rule": "one view per image: a level uniformly among the levels 0-3 the image has, then a view "
+                         "uniformly among its views at that level (seeded by view seed and store row)",
+                 "no_validator_view_skipped": vd["no_view"],
+                 "level_counts": {f"level{k}": int(np.sum(vd["level"] == k)) for k in range(4)},
+                 "per_level": per_level_metrics(y, dec.label, dec.exit, vd["level"]),
+                 "draw": {"rows": vd["rows"].tolist(), "view": vd["view"].tolist(), "level": vd["level"].tolist()}}
+        from stage1._core.io import json_safe
+
+        vdraw = json_safe(vdraw)
+        d["views"] = vdraw
+        d["statement"] += "; fit on one validator view per val_calib image (subnet level mix)"
+        if per_level:
+            d["per_level"] = _per_level_policies(run, factory, score, params, view_seed, part, fraction, part_seed,
+                                                 selection, cfg)
+            ok = [lv for lv, p in d["per_level"].items() if p["certified"]]
+            no = [lv for lv in d["per_level"] if lv not in ok]
+            d["per_level_statement"] = (
+                f"per level (each level separately, each at its own 1 - delta, not jointly): guarantee holds for "
+                f"{', '.join(ok) or 'no level'}" + (f"; not for {', '.join(no)}" if no else ""))
     layout.write_policy(run, d)
     state = d["state"]
-    return {"policy": policy_name, "guarantee": d.get("guarantee", "none"), "certified": bool(state["certified"]),
-            "reason": state["reason"], "n_needed": state["n_needed"], "t0": state["t0"], "t1": state["t1"],
-            "score": score, "n_calib": int(len(y)), "part": part, "statement": d["statement"],
-            "summary": state.get("summary", {})}
+    out = {"policy": policy_name, "guarantee": d.get("guarantee", "none"), "certified": bool(state["certified"]),
+           "reason": state["reason"], "n_needed": state["n_needed"], "t0": state["t0"], "t1": state["t1"],
+           "score": score, "n_calib": int(len(y)), "part": part, "statement": d["statement"],
+           "summary": state.get("summary", {}), "views": views}
+    if vdraw is not None:
+        out["per_level_metrics"] = vdraw["per_level"]
+        out["level_counts"] = vdraw["level_counts"]
+        out["view_seed"] = int(view_seed)
+    if "per_level" in d:
+        out["per_level"] = {lv: {k: p[k] for k in ("certified", "reason", "n", "positives", "n_needed", "statement")}
+                            for lv, p in d["per_level"].items()}
+        out["per_level_statement"] = d["per_level_statement"]
+    return out
 
 
-def evaluate_run(run: str | os.PathLike[str], split: str = "test") -> dict[str, Any]:
-    """Apply policy.json to ``split``; write metrics.json, metrics.csv and PNG plots; the metrics."""
+def _check_views(views: str, per_level: bool) -> None:
+    from stage1.policies.views import VIEW_MODES
+
+    if views not in VIEW_MODES:
+        raise ConfigError(f"--views must be {' or '.join(VIEW_MODES)}, got {views!r}")
+    if per_level and views != "validator":
+        raise ConfigError("--per-level needs --views validator (levels exist only on validator views)")
+
+
+def _validator_draw(run: str | os.PathLike[str], split: str, seed: int, *, part: str = "all",
+                    fraction: float | None = None, part_seed: int = 0) -> dict[str, Any]:
+    """One drawn view per labelled image of ``split`` (of ``part`` for val_calib): its scores, y, level."""
+    from stage1.policies.selection import part_mask
+    from stage1.policies.views import draw_one_view, take_views
+
+    vs, y, rows, dropped = layout.split_view_scores(run, split)
+    view, level = draw_one_view(vs["view_levels"], rows, seed)
+    keep = view >= 0
+    no_view = int((~keep).sum())
+    if part != "all":
+        keep &= part_mask(part, rows, y, fraction, part_seed)
+    scores = take_views({k: v[keep] for k, v in vs.items()}, view[keep])
+    return {"scores": scores, "y": y[keep], "rows": rows[keep], "view": view[keep], "level": level[keep],
+            "dropped": dropped, "no_view": no_view, "all": (vs, y, rows)}
+
+
+def _per_level_policies(run: str | os.PathLike[str], factory: Any, score: str, params: dict[str, Any],
+                        seed: int, part: str, fraction: float, part_seed: int, selection: Any,
+                        cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One policy per level, each fit and certified on one view of that level per image (Mondrian)."""
+    from stage1.policies.guarantee import guarantee_statement
+    from stage1.policies.selection import part_mask
+    from stage1.policies.views import VIEW_LEVELS, level_views, take_views
+
+    vs, y, rows, _ = layout.split_view_scores(run, "val_calib")
+    in_part = part_mask(part, rows, y, fraction, part_seed)
+    out: dict[str, dict[str, Any]] = {}
+    for lv in VIEW_LEVELS:
+        view = level_views(vs["view_levels"], rows, lv, seed)
+        m = in_part & (view >= 0)
+        if not m.any():
+            continue
+        pol = factory(score=score, **params)
+        yy = y[m]
+        pol.fit(take_views({k: v[m] for k, v in vs.items()}, view[m]), yy)
+        pd = pol.to_dict()
+        pd["fit"] = {"split": "val_calib", "part": part, "n": int(len(yy)), "positives": int(yy.sum()),
+                     "level": lv, "head": cfg.get("head")}
+        pd["selection"] = selection.to_dict()
+        st = pd["state"]
+        out[f"level{lv}"] = {"policy": pd, "certified": bool(st["certified"]), "reason": st["reason"],
+                             "n": int(len(yy)), "positives": int(yy.sum()), "n_needed": st["n_needed"],
+                             "statement": f"level {lv} views only: " + guarantee_statement(pd)}
+    return out
+
+
+def evaluate_run(run: str | os.PathLike[str], split: str = "test", views: str = "clean",
+                 view_seed: int | None = None) -> dict[str, Any]:
+    """Apply policy.json to ``split``; write metrics.json, metrics.csv and PNG plots; the metrics.
+
+    ``views="validator"``: on one view per image drawn like ``calibrate --views validator`` (seed:
+    ``view_seed``, else the one policy.json records, else 0), with ``level{k}_*`` metrics per level
+    and, when policy.json holds per-level policies, ``level{k}_per_level_*`` (each level's own
+    policy on that level's rows); written to ``eval_{split}_validator/``.
+    """
     from stage1.policies import policy_from_dict, reports
     from stage1.policies.evaluate import evaluation_metrics
     from stage1.policies.guarantee import guarantee_statement
 
+    _check_views(views, False)
     cfg = layout.read_config(run)
     policy_json = layout.read_policy(run)
     policy = policy_from_dict(policy_json, where=str(Path(run) / layout.POLICY))
-    scores, y, _, dropped = layout.split_scores(run, split)
+    extra: dict[str, Any] = {}
+    if views == "validator":
+        from stage1.policies.views import DEFAULT_VIEW_SEED, flatten_levels, per_level_metrics
+
+        seed = view_seed if view_seed is not None else int((policy_json.get("views") or {}).get("seed", DEFAULT_VIEW_SEED))
+        vd = _validator_draw(run, split, seed)
+        scores, y, dropped, level = vd["scores"], vd["y"], vd["dropped"], vd["level"]
+    else:
+        scores, y, _, dropped = layout.split_scores(run, split)
     if len(y) == 0:
         raise DataError(f"{Path(run) / layout.SCORES}: split {split!r} has no labelled rows to evaluate")
     decision = policy.decide(scores)
     metrics = dict(evaluation_metrics(y, scores, decision))
+    if views == "validator":
+        extra = {"views": "validator", "view_seed": int(seed), "no_validator_view_skipped": vd["no_view"],
+                 **flatten_levels(per_level_metrics(y, decision.label, decision.exit, level))}
+        for lv, entry in (policy_json.get("per_level") or {}).items():
+            m = level == int(lv.removeprefix("level"))
+            if not m.any():
+                continue
+            pol = policy_from_dict(entry["policy"], where=f"{Path(run) / layout.POLICY} per_level.{lv}")
+            dl = pol.decide({k: v[m] for k, v in scores.items()})
+            pl = per_level_metrics(y[m], dl.label, dl.exit, level[m])
+            extra.update({f"{lv}_per_level_{k}": v for k, v in pl[lv].items()})
+            extra[f"{lv}_per_level_certified"] = bool(entry["certified"])
     metrics.update({"split": split, "head": cfg.get("head"), "policy": policy.name,
                     "guarantee_statement": guarantee_statement(policy_json),
-                    "certified": bool(policy.certified), "unlabelled_skipped": dropped})
-    out = layout.eval_dir(run, split)
+                    "certified": bool(policy.certified), "unlabelled_skipped": dropped, **extra})
+    out = layout.eval_dir(run, split, views)
     out.mkdir(parents=True, exist_ok=True)
     reports.write_metrics(out, metrics)
     errors = (decision.label.astype(np.int64) != y).astype(np.float64)
+    what = split if views == "clean" else f"{split}, validator views"
     reports.plot_risk_coverage(out / layout.PLOT_RISK_COVERAGE, decision.score, errors,
                                operating_point=(metrics["coverage"], metrics["selective_error"]),
-                               title=f"Risk-coverage: {cfg.get('head')} + {policy.name} ({split})")
+                               title=f"Risk-coverage: {cfg.get('head')} + {policy.name} ({what})")
     reports.plot_reliability(out / layout.PLOT_RELIABILITY, y, decision.p_roadwork,
-                             title=f"Reliability: {cfg.get('head')} + {policy.name} ({split})")
+                             title=f"Reliability: {cfg.get('head')} + {policy.name} ({what})")
     return metrics

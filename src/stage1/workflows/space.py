@@ -11,6 +11,10 @@ a plain value is fixed; a table is a distribution::
 Optuna parameter names are ``head`` / ``policy`` (which part) and ``NAME.param`` (its settings),
 so every head keeps its own distributions and a trial can be rebuilt from its params alone.
 
+An optional ``[train]`` table sets how heads train: ``views = true`` (every cached view, the
+default), ``false`` (view 0 only) or ``{ choices = [true, false] }`` (searched; Optuna name
+``train.views``).
+
 ``check_names`` (run before a sweep starts) refuses parts that are not registered and parameters a
 part does not declare, and checks every fixed value, choice and range end against the part's
 declaration (``PARAMS``: type and range). The objective's risk is any registered risk
@@ -40,6 +44,8 @@ class SpaceNotFoundError(MissingError):
 
 
 DEFAULT_OBJECTIVE: dict[str, Any] = {"risk": "fnr_exit", "alpha": 0.02, "coverage_split": "val_select"}
+#: keys of the ``[train]`` table and their defaults (each a bool: fixed, or ``{ choices = [...] }``).
+TRAIN_DEFAULTS: dict[str, bool] = {"views": True}
 
 
 def studies_dir() -> Path:
@@ -97,13 +103,16 @@ class SearchSpace:
     policies: dict[str, dict[str, Any]]
     objective: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OBJECTIVE))
     source: str = ""
+    train: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "SearchSpace":
         """Validate and build a space from parsed TOML."""
-        unknown = set(data) - {"objective", "head", "policy", "description"}
+        unknown = set(data) - {"objective", "head", "policy", "description", "train"}
         if unknown:
-            raise SpaceError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}; use [objective], [head.NAME], [policy.NAME]")
+            raise SpaceError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}; use [objective], [train], "
+                             "[head.NAME], [policy.NAME]")
+        train = _check_train(data.get("train") or {}, source)
         heads = data.get("head") or {}
         policies = data.get("policy") or {}
         if not heads or not policies:
@@ -126,7 +135,7 @@ class SearchSpace:
             raise SpaceError(f"{source}: [objective] alpha must be in (0, 1)")
         if objective["coverage_split"] not in ("val_select", "val_calib"):
             raise SpaceError(f"{source}: [objective] coverage_split must be val_select or val_calib (never test)")
-        return cls(heads=heads, policies=policies, objective=objective, source=source)
+        return cls(heads=heads, policies=policies, objective=objective, source=source, train=train)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "SearchSpace":
@@ -189,6 +198,16 @@ class SearchSpace:
         policy = trial.suggest_categorical("policy", sorted(self.policies))
         return head, _suggest_part(trial, head, self.heads[head]), policy, _suggest_part(trial, policy, self.policies[policy])
 
+    def suggest_train(self, trial: Any) -> dict[str, bool]:
+        """How the trial's head trains, ``{"views": bool}`` (searched keys are Optuna's ``train.KEY``)."""
+        return {key: (bool(trial.suggest_categorical(f"train.{key}", spec["choices"])) if isinstance(spec, dict)
+                      else bool(spec)) for key, spec in {**TRAIN_DEFAULTS, **self.train}.items()}
+
+    def resolve_train(self, params: dict[str, Any]) -> dict[str, bool]:
+        """Rebuild what ``suggest_train`` returned from a finished trial's ``params``."""
+        return {key: (bool(params[f"train.{key}"]) if isinstance(spec, dict) else bool(spec))
+                for key, spec in {**TRAIN_DEFAULTS, **self.train}.items()}
+
     def resolve(self, params: dict[str, Any]) -> tuple[str, dict[str, Any], str, dict[str, Any]]:
         """Rebuild what ``suggest`` returned from a finished trial's ``params``."""
         head, policy = params["head"], params["policy"]
@@ -217,6 +236,24 @@ def check_part(where: str, declared: Params, specs: Mapping[str, Any], noun: str
                     raise SpaceError(f"{where} {key}: an int parameter needs an int step")
     except ConfigError as exc:
         raise SpaceError(str(exc)) from None
+
+
+def _check_train(table: Any, source: str) -> dict[str, Any]:
+    """The ``[train]`` table: known keys only, each a bool or ``{ choices = [bool, ...] }``."""
+    if not isinstance(table, dict):
+        raise SpaceError(f"{source}: [train] must be a table")
+    bad = sorted(set(table) - set(TRAIN_DEFAULTS))
+    if bad:
+        raise SpaceError(f"{source}: [train] unknown key(s) {', '.join(bad)}; known: {', '.join(TRAIN_DEFAULTS)}")
+    for key, spec in table.items():
+        where = f"{source}: train.{key}"
+        _check_dist(where, spec)
+        if isinstance(spec, dict) and "choices" not in spec:
+            raise SpaceError(f"{where}: a true / false setting; use a value or choices = [true, false]")
+        values = spec["choices"] if isinstance(spec, dict) else [spec]
+        if not all(isinstance(v, bool) for v in values):
+            raise SpaceError(f"{where}: must be true or false (train on every cached view, or on view 0 only)")
+    return dict(table)
 
 
 def _suggest_part(trial: Any, prefix: str, specs: dict[str, Any]) -> dict[str, Any]:

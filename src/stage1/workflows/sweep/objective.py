@@ -33,15 +33,18 @@ _OPTUNA_CONSTRAINT_PREFIX = "constraints:"
 
 
 def fit_trial(data: SweepData, head_name: str, head_params: dict[str, Any], policy_name: str,
-              policy_params: dict[str, Any], seed: int) -> tuple[Any, Any, dict[str, dict[str, np.ndarray]]]:
-    """Train the head and fit the policy (on val_calib's choose part: ``SweepData`` holds no other
-    val_calib rows); returns (head, policy, scores per split)."""
+              policy_params: dict[str, Any], seed: int, train_views: bool = True
+              ) -> tuple[Any, Any, dict[str, dict[str, np.ndarray]]]:
+    """Train the head (on every cached train view, or view 0 only when ``train_views`` is False) and
+    fit the policy (on val_calib's choose part: ``SweepData`` holds no other val_calib rows);
+    returns (head, policy, scores per split)."""
     from stage1.heads import HEADS
     from stage1.policies import POLICIES
 
     # threads=0: the head keeps torch's thread count, which the worker set from --threads
     head = HEADS.create(head_name, **{"seed": seed, "threads": 0, **head_params})
-    head.fit(data.x["train"], data.y["train"], X_val=data.x["val_select"], y_val=data.y["val_select"])
+    x_train = data.x["train"] if train_views else data.x["train"][:, :1]
+    head.fit(x_train, data.y["train"], X_val=data.x["val_select"], y_val=data.y["val_select"])
     scores = {s: head.predict_scores(data.x[s]) for s in ("val_select", "val_calib")}
     policy = POLICIES.create(policy_name, **{"seed": seed, **policy_params})
     policy.fit(scores["val_calib"], data.y["val_calib"])
@@ -88,7 +91,8 @@ def make_objective(data: SweepData, space: SearchSpace, seed: int) -> Callable[[
 
     def objective(trial: Any) -> tuple[float, float]:
         head, hp, pol, pp = space.suggest(trial)
-        _, policy, scores = fit_trial(data, head, hp, pol, pp, seed)
+        train = space.suggest_train(trial)
+        _, policy, scores = fit_trial(data, head, hp, pol, pp, seed, train_views=train["views"])
         m = trial_metrics(data, policy, scores, space.objective)
         # one attribute (one storage write) holding every fact and the constraint; trials.csv flattens it
         trial.set_user_attr(RESULT_ATTR, {**{k: m[k] for k in RESULT_FACTS},

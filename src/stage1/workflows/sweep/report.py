@@ -143,7 +143,7 @@ def write_outputs(study: Any, space: SearchSpace, data: SweepData, out: Path, re
     for t in chosen:
         run_dir = out / "runs" / f"trial-{t.number:05d}"
         head, hp, pol, pp = space.resolve(t.params)
-        write_trial_run(data, run_dir, head, hp, pol, pp, seed=seed,
+        write_trial_run(data, run_dir, head, hp, pol, pp, seed=seed, train_views=space.resolve_train(t.params)["views"],
                         sweep={"study": study.study_name, "trial": t.number, "values": list(t.values)},
                         candidates=n_candidates, certified_together=len(chosen))
         result.runs.append(str(run_dir))
@@ -160,7 +160,7 @@ def write_outputs(study: Any, space: SearchSpace, data: SweepData, out: Path, re
 
 def write_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict[str, Any], policy: str,
                     policy_params: dict[str, Any], seed: int, sweep: dict[str, Any], candidates: int = 1,
-                    certified_together: int = 1) -> Path:
+                    certified_together: int = 1, train_views: bool = True) -> Path:
     """Retrain a trial's head into a standard run dir (train -> calibrate -> evaluate, heads' own code).
 
     Training is seeded and deterministic, so the run reproduces the trial. Its policy is fitted on
@@ -190,7 +190,8 @@ def write_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict
         pp["delta"] = float(declared["delta"]) / split
     record = SelectionRecord("holdout", max(1, int(candidates)), "certify", DEFAULT_CERTIFY_FRACTION, PART_SEED,
                              split, "the sweep's Pareto front (choose-part certificates, val_select coverage, AUGRC)")
-    train_run(data.store_path, head, run_dir, {"seed": seed, "threads": 0, **head_params}, progress=False)
+    train_run(data.store_path, head, run_dir, {"seed": seed, "threads": 0, **head_params}, progress=False,
+              train_views=train_views)
     calibrate_run(run_dir, policy, {"seed": seed, **pp}, score=score, part="certify", selection=record,
                   certify_fraction=DEFAULT_CERTIFY_FRACTION, part_seed=PART_SEED)
     for split in ("val_select", "test"):
