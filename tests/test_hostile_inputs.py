@@ -274,3 +274,64 @@ def test_export_features_cli_refuses_to_overwrite_without_force(tmp_path) -> Non
     assert res.exit_code == 2 and "--force" in res.output, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)  # a message, not a traceback
     assert CliRunner().invoke(export_features, [*args, "--force"]).exit_code == 0
+
+
+# -- backbone identity: config.json is pinned next to the weights ------------------------------------
+def _legacy_copy(tmp_path: Path, with_config_hash: bool) -> tuple[Path, Path]:
+    import shutil
+
+    from stage1._core.io import sha256_file
+    from stage1.workflows.bundle import manifest_digest
+
+    legacy = Path(__file__).parent / "data" / "legacy_v0_1"
+    bundle, backbone = tmp_path / "bundle", tmp_path / "backbone"
+    shutil.copytree(legacy / "bundle", bundle)
+    shutil.copytree(legacy / "backbone", backbone)
+    if with_config_hash:  # as a bundle exported now records it
+        manifest = json.loads((bundle / "bundle.json").read_text())
+        manifest["backbone"]["config_sha256"] = sha256_file(backbone / "config.json")
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        (bundle / "bundle.json").write_text(json.dumps(manifest))
+    return bundle, backbone
+
+
+def test_predictor_refuses_same_weights_with_an_edited_config(tmp_path: Path) -> None:
+    from stage1.workflows.bundle import BundleError
+    from stage1.workflows.predictor import Stage1Predictor
+
+    bundle, backbone = _legacy_copy(tmp_path, with_config_hash=True)
+    Stage1Predictor.from_bundle(bundle, backbone=backbone)  # the recorded config loads
+    config = json.loads((backbone / "config.json").read_text())
+    config["hidden_act"] = "relu" if config.get("hidden_act") != "relu" else "gelu"
+    (backbone / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="config.json sha256"):
+        Stage1Predictor.from_bundle(bundle, backbone=backbone)
+
+
+def test_bundle_without_config_hash_still_loads_and_says_so(tmp_path: Path, capsys) -> None:
+    from stage1.workflows.predictor import Stage1Predictor
+
+    bundle, backbone = _legacy_copy(tmp_path, with_config_hash=False)
+    Stage1Predictor.from_bundle(bundle, backbone=backbone)
+    assert "does not record its backbone's config.json hash" in capsys.readouterr().err
+
+
+# -- a damaged store: every command refuses it -----------------------------------------------------------
+@pytest.mark.parametrize("args", [
+    ["train", "{st}", "--head", "mlp", "--out", "{run}", "--epochs", "1", "--quiet"],
+    ["split", "{st}"],
+    ["export-features", "{st}", "--format", "npy", "--out", "{run}"],
+    ["info", "{st}"],
+])
+def test_commands_refuse_a_store_with_a_deleted_chunk(tmp_path: Path, args: list[str]) -> None:
+    from stage1.featstore.store import write_store
+
+    rng = np.random.default_rng(0)
+    from stage1.featstore.splits import write_splits
+
+    write_store(tmp_path / "st", rng.normal(size=(40, 1, 4)).astype(np.float32), rng.integers(0, 2, 40), chunk_rows=16)
+    if args[0] == "train":
+        write_splits(tmp_path / "st", seed=0)
+    (tmp_path / "st" / "features" / "c" / "1" / "0" / "0").unlink()
+    res = CliRunner().invoke(cli.main, [a.format(st=tmp_path / "st", run=tmp_path / "out") for a in args])
+    assert res.exit_code == 1 and "is missing" in res.output and "Traceback" not in res.output, res.output

@@ -301,3 +301,149 @@ def test_resume_keeps_a_validator_v1_store_recipe(image_folder: Path, tiny_backb
     assert "already complete" in run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", "--views", "2").output
     bad = run_extract(image_folder, tiny_backbone_dir, tmp_path / "x", "--view-recipe", "nope", ok=False)
     assert bad.exit_code == 2 and "--view-recipe" in bad.output
+
+
+# -- "Trust nothing on disk": symlinks out of --images ---------------------------------------------
+@pytest.mark.parametrize("mode", ["csv", "no-labels"])
+def test_symlink_escaping_images_is_refused_naming_the_row(tmp_path: Path, tiny_backbone_dir: Path, mode: str) -> None:
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    images.mkdir()
+    outside.mkdir()
+    make_image(0).save(images / "ok.png")
+    make_image(1).save(outside / "inner.png")
+    (images / "linkdir").symlink_to(outside, target_is_directory=True)
+    (images / "inside_link.png").symlink_to(images / "ok.png")  # a link that stays inside is fine
+    labels = None
+    if mode == "csv":
+        labels = tmp_path / "labels.csv"
+        labels.write_text("path,label\nok.png,0\ninside_link.png,1\nlinkdir/inner.png,1\n")
+    else:
+        (images / "leak.png").symlink_to(outside / "inner.png")
+    res = run_extract(images, tiny_backbone_dir, tmp_path / "store", "--workers", "0", labels=labels, ok=False)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert ("'linkdir/inner.png'" if mode == "csv" else "'leak.png'") in res.output and "outside the --images folder" in res.output
+    assert not (tmp_path / "store" / "zarr.json").exists()
+
+
+def _interrupted(image_folder: Path, backbone: Path, out: Path, monkeypatch, *extra: str) -> None:
+    """A store with one 4-row chunk committed, then a simulated crash."""
+    real_commit = Store.commit
+    calls = {"n": 0}
+
+    def dying_commit(self, n_committed, **attrs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_commit(self, n_committed, **attrs)
+
+    monkeypatch.setattr(Store, "commit", dying_commit)
+    run_extract(image_folder, backbone, out, "--workers", "0", *extra, ok=False)
+    monkeypatch.setattr(Store, "commit", real_commit)
+    assert featstore.open_store(out).rows == 4
+
+
+def test_resume_from_another_images_folder_with_the_same_names_is_refused(
+        image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    out = tmp_path / "store"
+    _interrupted(image_folder, tiny_backbone_dir, out, monkeypatch)
+    other = tmp_path / "other"
+    shutil.copytree(image_folder, other)
+    for i, name in enumerate(IMAGE_NAMES):
+        make_image(100 + i, size=(40, 32)).save(other / name)  # same names, other pictures
+    res = run_extract(other, tiny_backbone_dir, out, "--workers", "0", labels=other / "labels.csv", ok=False)
+    assert res.exit_code == 1 and "is not the image this store was extracted from" in res.output, res.output
+    assert featstore.open_store(out).rows == 4
+    moved = tmp_path / "moved"  # the same files in a moved folder still resume
+    shutil.copytree(image_folder, moved)
+    run_extract(moved, tiny_backbone_dir, out, "--workers", "0", labels=moved / "labels.csv")
+    assert featstore.open_store(out).rows == 8
+
+
+def test_resume_with_another_max_pixels_is_refused(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "store"
+    _interrupted(image_folder, tiny_backbone_dir, out, monkeypatch)
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", "--max-pixels", "100", ok=False)
+    assert res.exit_code == 1 and "provenance attribute 'max_pixels' differs" in res.output, res.output
+    st = featstore.open_store(out)
+    assert st.rows == 4 and st.quarantined == []
+
+
+def test_resume_with_an_edited_backbone_config_is_refused(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    bb = tmp_path / "bb"
+    shutil.copytree(tiny_backbone_dir, bb)
+    out = tmp_path / "store"
+    _interrupted(image_folder, bb, out, monkeypatch)
+    assert featstore.open_store(out).provenance["backbone"]["config_sha256"] == sha256_file(bb / "config.json")
+    config = json.loads((bb / "config.json").read_text())
+    config["layer_norm_eps"] = 0.5  # same weights, other features
+    (bb / "config.json").write_text(json.dumps(config))
+    res = run_extract(image_folder, bb, out, "--workers", "0", ok=False)
+    assert res.exit_code == 1 and "'backbone.config_sha256' differs" in res.output, res.output
+    assert featstore.open_store(out).rows == 4
+
+
+def test_store_without_config_hash_resumes_saying_so(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "store"
+    _interrupted(image_folder, tiny_backbone_dir, out, monkeypatch)
+    meta = json.loads((out / "zarr.json").read_text())
+    del meta["attributes"]["provenance"]["backbone"]["config_sha256"]  # as written before it was recorded
+    (out / "zarr.json").write_text(json.dumps(meta))
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0")
+    assert "does not record its backbone's config.json hash" in res.output
+    assert featstore.open_store(out).rows == 8
+
+
+# -- system errors are not bad images; a run that keeps nothing is an error ------------------------------
+def test_memory_error_stops_the_run_instead_of_quarantining(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from stage1.featstore.preprocessing import Preprocessing
+
+    def no_memory(self, img):
+        raise MemoryError()
+
+    monkeypatch.setattr(Preprocessing, "clean_pixels", no_memory)
+    out = tmp_path / "store"
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", ok=False)
+    assert res.exit_code == 1 and "system reason (MemoryError" in res.output and "--image-size" in res.output, res.output
+    assert "Traceback" not in res.output
+    st = featstore.open_store(out)
+    assert st.quarantined == [] and not st.complete  # nothing quarantined for good
+    monkeypatch.undo()
+    run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0")
+    assert featstore.open_store(out).rows == 8
+
+
+def test_io_error_is_a_system_error_not_a_bad_image(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from stage1._core.errors import EnvironmentProblem
+    from stage1.featstore import images as images_module
+
+    (tmp_path / "a.png").write_bytes(b"x")
+
+    def eio(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(images_module, "open", eio, raising=False)
+    with pytest.raises(EnvironmentProblem, match="Input/output error"):
+        images_module.read_bytes(tmp_path / "a.png")
+    assert images_module.is_system_error(MemoryError()) and not images_module.is_system_error(ValueError())
+
+
+@pytest.mark.parametrize("csv_text, needle", [
+    ("path;label\nimg0.jpg;0\nimg1.jpg;1\n", "comma-separated"),  # every row read as a missing path
+    ("path,label\nnope0.jpg,0\nnope1.jpg,1\n", "'missing'"),
+])
+def test_a_run_that_keeps_no_row_is_an_error(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path,
+                                              csv_text: str, needle: str) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text(csv_text)
+    out = tmp_path / "store"
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", labels=labels, ok=False)
+    assert res.exit_code == 1 and "no image was kept" in res.output and needle in res.output, res.output
+    assert not featstore.open_store(out).complete
+    res = run_extract(image_folder, tiny_backbone_dir, out, "--workers", "0", labels=labels, ok=False)
+    assert res.exit_code == 1 and "no image was kept" in res.output  # a re-run does not turn it into success

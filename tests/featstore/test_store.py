@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from click.testing import CliRunner
 
-from stage1 import featstore
+from stage1 import cli, featstore
 from stage1.featstore.store import ProvenanceMismatch, Store, StoreBusy, StoreError, provenance_differences, write_store
 
 
@@ -219,3 +220,120 @@ def test_chunk_reader_checks_codec_type_not_name() -> None:
     assert raw_readable(fake(LittleEndianBytes()))
     assert not raw_readable(fake(impostor))
     assert not raw_readable(fake(BytesCodec(), chunks=(4, 2, 1)))
+
+
+# -- "Trust nothing on disk": missing / short chunks, edited n_committed, failed fsync ------------------
+def _edit_attrs(store: Path, **changes) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"].update(changes)
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("victim", ["features/c/1/0/0", "labels/c/1", "ids/c/2", "sha256/c/0"])
+def test_deleted_chunk_file_is_refused_at_open(tmp_path: Path, victim: str) -> None:
+    feats, labels = synthetic(n=10)
+    write_store(tmp_path / "s", feats, labels, chunk_rows=4)
+    (tmp_path / "s" / victim).unlink()
+    with pytest.raises(StoreError, match=r"chunk file of '\w+' \(rows \d+-\d+\) is missing"):
+        Store.open(tmp_path / "s")
+
+
+def test_all_fill_chunks_are_written_so_absence_is_damage(tmp_path: Path) -> None:
+    # unlabelled rows (-1) and zero features equal the fill values: zarr would skip those files
+    write_store(tmp_path / "s", np.zeros((6, 1, 3), np.float32), np.full(6, -1), chunk_rows=4)
+    st = Store.open(tmp_path / "s")
+    assert st.rows == 6 and st.labels.tolist() == [-1] * 6
+    assert (tmp_path / "s" / "labels" / "c" / "1").is_file() and (tmp_path / "s" / "features" / "c" / "0" / "0" / "0").is_file()
+
+
+def test_short_chunk_is_refused_and_verify_rehashes(tmp_path: Path) -> None:
+    feats, labels = synthetic(n=10)
+    write_store(tmp_path / "s", feats, labels, chunk_rows=4)
+    assert Store.open(tmp_path / "s").verify() == {"files": 12, "hashed": True}
+    chunk = tmp_path / "s" / "features" / "c" / "1" / "0" / "0"
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:-4])
+    with pytest.raises(StoreError, match="has 188 bytes, expected 192"):
+        Store.open(tmp_path / "s")
+    chunk.write_bytes(data[:-4] + b"\0\0\0\0")  # same size, other bytes: only the hash sees it
+    with pytest.raises(StoreError, match=r"features/c/1/0/0: chunk file of 'features' .*sha256"):
+        Store.open(tmp_path / "s").verify()
+    res = CliRunner().invoke(cli.main, ["info", str(tmp_path / "s"), "--verify"])
+    assert res.exit_code == 1 and "sha256" in res.output and "Traceback" not in res.output
+
+
+def test_info_verify_ok_and_legacy_store_says_not_recorded(tmp_path: Path) -> None:
+    feats, labels = synthetic(n=10)
+    write_store(tmp_path / "s", feats, labels, chunk_rows=4)
+    res = CliRunner().invoke(cli.main, ["info", str(tmp_path / "s"), "--verify"])
+    assert res.exit_code == 0 and "verified 12 chunk files" in res.output
+    legacy = Path(__file__).parents[1] / "data" / "legacy_v0_1" / "store.zarr"
+    res = CliRunner().invoke(cli.main, ["info", str(legacy), "--verify"])
+    assert res.exit_code == 0 and "no chunk checksums recorded" in res.output
+
+
+def test_legacy_store_missing_features_chunk_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    legacy = Path(__file__).parents[1] / "data" / "legacy_v0_1" / "store.zarr"
+    shutil.copytree(legacy, tmp_path / "s")
+    assert Store.open(tmp_path / "s").rows == 48
+    (tmp_path / "s" / "features" / "c" / "0" / "0" / "0").unlink()
+    with pytest.raises(StoreError, match="is missing"):
+        Store.open(tmp_path / "s")
+
+
+@pytest.mark.parametrize("value, match", [
+    (1000, "n_committed is 1000 but the features array has 10 rows"),
+    (6, "marked complete with n_committed 6"),
+    (-5, "n_committed is -5"),
+    ("7", "not a row count"),
+    (True, "not a row count"),
+])
+def test_edited_n_committed_is_refused(tmp_path: Path, value, match: str) -> None:
+    feats, labels = synthetic(n=10)
+    write_store(tmp_path / "s", feats, labels, chunk_rows=4)
+    _edit_attrs(tmp_path / "s", n_committed=value)
+    with pytest.raises(StoreError, match=match):
+        Store.open(tmp_path / "s")
+    with pytest.raises(StoreError, match=match):
+        Store.open(tmp_path / "s", mode="r+")
+
+
+def test_edited_n_committed_of_an_incomplete_store_is_refused(tmp_path: Path) -> None:
+    feats, labels = synthetic(n=10)
+    st = Store.create(tmp_path / "s", 10, 2, 6, {"kind": "arrays"}, dtype="float32", chunk_rows=4)
+    st.write_block(0, feats[:4], labels[:4], list("abcd"), ["h"] * 4)
+    st.commit(4, n_consumed=4)
+    st.close()
+    for value, match in ((8, r"needs row-chunks 0\.\.1"), (3, "committed chunks hold 4 rows")):
+        _edit_attrs(tmp_path / "s", n_committed=value)
+        with pytest.raises(StoreError, match=match):  # a resume would write after a hole / over rows
+            Store.open(tmp_path / "s", mode="r+")
+    _edit_attrs(tmp_path / "s", n_committed=4)
+    assert Store.open(tmp_path / "s", mode="r+").rows == 4
+
+
+def test_failed_fsync_fails_the_commit(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    from stage1.featstore import durability
+    from stage1.featstore.errors import NotDurable
+
+    feats, labels = synthetic(n=8)
+    st = Store.create(tmp_path / "s", 8, 2, 6, {"kind": "arrays"}, dtype="float32", chunk_rows=4)
+    st.write_block(0, feats[:4], labels[:4], list("abcd"), ["h"] * 4)
+    st.commit(4)
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(durability.os, "fsync", broken)
+    with pytest.raises(NotDurable, match="fsync failed.*Input/output error"):
+        st.write_block(4, feats[4:], labels[4:], list("efgh"), ["h"] * 4)
+    with pytest.raises(NotDurable, match="fsync failed"):
+        st.commit(4)
+    monkeypatch.undo()
+    st.close()
+    assert Store.open(tmp_path / "s").rows == 4

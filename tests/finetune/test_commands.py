@@ -186,3 +186,22 @@ def test_adapt_accepts_multi_crop_and_ibot(labelled: Path, tiny_backbone_dir: Pa
     code, output, *_ = _invoke(["adapt", "--images", str(labelled), "--backbone", str(tiny_backbone_dir),
                                 "--out", str(tmp_path / "bad"), "--multi-crop", "-1", *TINY])
     assert code == 2 and "--multi-crop" in output
+
+
+@pytest.mark.parametrize("command", ["finetune", "adapt"])
+def test_a_labels_row_escaping_images_through_a_symlink_is_refused(command: str, tiny_backbone_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    from conftest import make_image
+
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    images.mkdir()
+    outside.mkdir()
+    make_image(0).save(images / "ok.png")
+    make_image(1).save(outside / "inner.png")
+    (images / "linkdir").symlink_to(outside, target_is_directory=True)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\nok.png,0\nlinkdir/inner.png,1\n")
+    option = "--labels" if command == "finetune" else "--list"
+    code, output, *_ = _invoke([command, "--images", str(images), option, str(csv), "--backbone",
+                                str(tiny_backbone_dir), "--out", str(tmp_path / "out"), *TINY])
+    assert code == 2 and "'linkdir/inner.png'" in output and "outside the --images folder" in output, output

@@ -1,7 +1,7 @@
 """Frozen vision backbones behind a registry; the feature is the CLS token of the last layer.
 
 ``hf`` loads any transformers ``AutoModel`` vision backbone from a local folder (DINOv3ViTModel,
-Dinov2Model, ViTModel, ...). Provenance pins the weights by sha256 so a store can refuse features
+Dinov2Model, ViTModel, ...). Provenance pins the weights and config.json by sha256 so a store can refuse features
 computed by a different model.
 """
 from __future__ import annotations
@@ -82,6 +82,16 @@ def weights_sha256(folder: str | os.PathLike[str]) -> tuple[str, str]:
     )
 
 
+def config_sha256(folder: str | os.PathLike[str]) -> str:
+    """sha256 of a HF folder's config.json: the same weights under another config (``hidden_act``,
+    ``layer_norm_eps``, ...) compute other features. (preprocessor_config.json matters only through
+    its mean / std, which the store's preprocessing records.)"""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MissingError(f"{folder}: no config.json; --backbone must be a local Hugging Face model folder")
+    return sha256_file(path)
+
+
 def _preprocessor_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std from preprocessor_config.json, ImageNet defaults otherwise."""
     cfg_path = folder / "preprocessor_config.json"
@@ -111,6 +121,7 @@ class HFBackbone(Backbone):
         self.path = folder.resolve()
         self.device = resolve_device(device)
         self.weights_file, self.weights_sha256 = weights_sha256(folder)
+        self.config_sha256 = config_sha256(folder)
         model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         model.eval().requires_grad_(False)
         self.model = model.to(self.device, dtype=torch.float32)
@@ -148,6 +159,7 @@ class HFBackbone(Backbone):
             "patch_size": self.patch_size,
             "weights_file": self.weights_file,
             "weights_sha256": self.weights_sha256,
+            "config_sha256": self.config_sha256,
             "feature": "cls",
             "precision": self.precision(),
         }

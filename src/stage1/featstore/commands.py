@@ -125,11 +125,19 @@ def _format_info(info: dict) -> str:
 @command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (keys: rows, committed, dim, views, dtype, provenance, quarantined, ...).")
-def info(store, as_json) -> None:
+@click.option("--verify", is_flag=True, help="Also re-hash every committed chunk file against its recorded sha256.")
+def info(store, as_json, verify) -> None:
     """Describe a feature store: rows, dimensions, provenance, quarantined images, splits."""
     from .store import Store
 
-    data = Store.open(store).info()
+    opened = Store.open(store)
+    data = opened.info()
+    if verify:
+        checked = opened.verify()  # raises StoreError naming the first damaged chunk file
+        data["verified"] = checked
+        click.echo(f"verified {checked['files']} chunk files against their sha256" if checked["hashed"] else
+                   "no chunk checksums recorded (store written before they were); presence and size of the "
+                   "features chunks checked", err=as_json)
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:

@@ -1,12 +1,14 @@
 """Durability of a store on disk: fsync, the atomic commit of attributes, the one-writer lock, stale-temp sweep.
 
 A store's rows become visible only when ``n_committed`` moves past them, so written chunk files are
-fsynced before the marker, and the marker (one zarr.json write) is fsynced after it. One process
+fsynced before the marker, and the marker (one zarr.json write) is fsynced after it; a failed fsync
+raises ``NotDurable`` instead of letting the marker move over data that may not be on disk. One process
 writes a store at a time (an advisory ``flock`` the kernel drops if the writer dies); a writer that
 takes the lock may delete the ``*.partial`` temp files a killed writer left behind.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,34 +17,51 @@ import zarr
 
 from stage1._core.io import PARTIAL_SUFFIX
 
-from .errors import StoreBusy
+from .errors import NotDurable, StoreBusy
 
 #: The lock file inside a store folder.
 LOCK_NAME = ".featstore.lock"
 
 
 def fsync_path(path: Path) -> None:
-    """Best-effort fsync of a file or directory (durability of the committed rows)."""
+    """fsync a file or directory; a failure raises ``NotDurable`` (the caller must not commit past it).
+
+    Only a directory that cannot be opened or fsynced at all on this filesystem (EINVAL / ENOTSUP /
+    EISDIR / EACCES on the folder itself) is tolerated: that says nothing about the data's durability.
+    """
+    is_dir = path.is_dir()
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    except OSError as exc:
+        if is_dir and exc.errno in _DIR_FSYNC_UNSUPPORTED:
+            return
+        raise NotDurable(f"{path}: cannot open it to fsync ({exc.strerror or exc}); nothing was committed") from exc
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if not (is_dir and exc.errno in _DIR_FSYNC_UNSUPPORTED):
+            raise NotDurable(f"{path}: fsync failed ({exc.strerror or exc}); the rows were not committed, "
+                             "check the disk and re-run to resume") from exc
     finally:
         os.close(fd)
+
+
+#: errno values a filesystem gives when directories simply cannot be fsynced (not a data problem).
+_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EISDIR, errno.EACCES, errno.EBADF}
 
 
 def fsync_chunks(root: Path, arrays: Iterable[tuple[str, zarr.Array]], first: int, last: int) -> None:
     """fsync chunk files ``first..last`` (row-chunk indices) of each (name, array) and their folders."""
     for c in range(first, last + 1):
         for name, arr in arrays:
-            key = arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
-            f = root / name / key
+            f = root / name / chunk_key(arr, c)
             fsync_path(f)
             fsync_path(f.parent)
+
+
+def chunk_key(arr: zarr.Array, index: int) -> str:
+    """The relative file name of row-chunk ``index`` of ``arr`` (e.g. ``c/1/0/0``)."""
+    return arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
 
 
 def commit_attributes(group: zarr.Group, root: Path, update: dict[str, Any]) -> None:

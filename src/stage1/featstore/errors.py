@@ -18,3 +18,7 @@ class ProvenanceMismatch(StoreError):
 
 class StoreBusy(EnvironmentProblem):
     """Another process holds the store's writer lock."""
+
+
+class NotDurable(EnvironmentProblem):
+    """An fsync failed: written rows may not be on disk, so they are not committed."""

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, check_image_size, load_backbone
-from .images import MAX_PIXELS, quarantine_reason, read_bytes
+from .images import MAX_PIXELS, is_system_error, quarantine_reason, read_bytes
 from stage1._core.io import sha256_bytes
-from .labels import ImageEntry, image_list_sha256, list_images, parse_labels_csv
+from .labels import ImageEntry, confine_entries, image_list_sha256, list_images, parse_labels_csv
 from .preprocessing import Preprocessing, ViewRecipe
-from .store import DEFAULT_CHUNK_ROWS, Store
+from .store import DEFAULT_CHUNK_ROWS, ProvenanceMismatch, Store
 from .preprocessing import CLEAN_RULES
 from .views import DEFAULT_RECIPE, LEVELS, PARAM_NAMES, VIEW_RECIPES, empty_params, view_recipe, view_seed
-from stage1._core.errors import ConfigError
+from stage1._core.errors import ConfigError, DataError, EnvironmentProblem
 
 
 @dataclass
@@ -107,10 +107,14 @@ class WindowDataset(torch.utils.data.Dataset):
         w = self.first_window + k
         lo, hi = w * self.batch_size, min(len(self.paths), (w + 1) * self.batch_size)
         pixels, good, sha, bad, levels, params = [], [], [], [], [], []
+        fatal = None
         for i in range(lo, hi):
             try:
                 arr, digest, lv, pr = decode_entry(self.spec, self.paths[i])
-            except Exception as exc:  # never fatal to the run: quarantine with the reason and error text
+            except Exception as exc:  # a bad image is quarantined; a failure of the machine stops the run
+                if is_system_error(exc):
+                    fatal = (self.paths[i], f"{type(exc).__name__}: {exc}", isinstance(exc, MemoryError))
+                    break
                 bad.append((i, *quarantine_reason(exc, self.paths[i])))
                 continue
             pixels.append(arr)
@@ -130,6 +134,7 @@ class WindowDataset(torch.utils.data.Dataset):
             "bad": bad,
             "levels": levels,
             "params": params,
+            "fatal": fatal,
         }
 
 
@@ -173,8 +178,38 @@ def build_provenance(backbone: Backbone, cfg: ExtractConfig, entries: Sequence[I
         "storage": {"dtype": cfg.dtype, "chunk_rows": cfg.chunk_rows},
         "image_list_sha256": image_list_sha256(entries),
         "n_images": len(entries),
+        "max_pixels": int(cfg.max_pixels),
         "images_root": str(Path(cfg.images).resolve()),
     }
+
+
+#: Committed rows whose image file a resume re-hashes (first, last and evenly spaced between).
+RESUME_SAMPLE = 8
+
+
+def check_resume_content(store: Store, images: str) -> None:
+    """Refuse to resume from an --images folder whose files differ from those already committed.
+
+    Re-reads a sample of committed rows' images (first, last, evenly spaced) from ``images`` and
+    compares their sha256 with the stored one, so another folder holding the same names cannot be
+    mixed into the store (``images_root`` itself is informational: a moved folder still resumes).
+    """
+    n = store.rows
+    if n == 0 or store.provenance.get("kind") != "extracted":
+        return
+    ids, hashes = store.ids, store.sha256
+    for r in sorted({int(round(x)) for x in np.linspace(0, n - 1, min(n, RESUME_SAMPLE))}):
+        path = Path(images) / ids[r]
+        try:
+            digest = sha256_bytes(read_bytes(path))
+        except Exception as exc:  # missing / unreadable now
+            digest = f"<{quarantine_reason(exc, ids[r])[0]}>"
+        if digest != hashes[r]:
+            raise ProvenanceMismatch(
+                f"{store.path}: row {r} ({ids[r]!r}) in --images {images} is not the image this store was "
+                f"extracted from (sha256 {digest[:12]}, stored {hashes[r][:12]}); resume with the original "
+                "--images folder, or write to a new --out"
+            )
 
 
 def check_resume(store: Store, provenance: dict[str, Any]) -> None:
@@ -183,6 +218,15 @@ def check_resume(store: Store, provenance: dict[str, Any]) -> None:
     The preprocessing is compared as a ``Preprocessing`` (so a store made by 0.1.0 resumes however
     its record is spelled); everything else attribute by attribute, by ``Store.check_provenance``.
     """
+    if "max_pixels" not in store.provenance:  # written before it was recorded: not compared
+        provenance = {k: v for k, v in provenance.items() if k != "max_pixels"}
+    stored_bb = store.provenance.get("backbone")
+    new_bb = provenance.get("backbone")
+    if isinstance(stored_bb, dict) and isinstance(new_bb, dict) and "config_sha256" in new_bb \
+            and "config_sha256" not in stored_bb:
+        sys.stderr.write(f"extract: {store.path} does not record its backbone's config.json hash (written before "
+                         "it was); only the weights hash is checked\n")
+        provenance = {**provenance, "backbone": {k: v for k, v in new_bb.items() if k != "config_sha256"}}
     stored = store.provenance.get("preprocessing")
     if stored is not None and provenance.get("preprocessing") is not None:
         recorded = Preprocessing.from_dict(stored, where=f"{store.path}: provenance")
@@ -194,7 +238,9 @@ def check_resume(store: Store, provenance: dict[str, Any]) -> None:
 def load_entries(cfg: ExtractConfig) -> tuple[list[ImageEntry], bool]:
     """The image list from --labels, or every image under --images."""
     if cfg.labels:
-        return parse_labels_csv(cfg.labels)
+        entries, has_split = parse_labels_csv(cfg.labels)
+        confine_entries(cfg.images, entries, str(cfg.labels))
+        return entries, has_split
     return list_images(cfg.images), False
 
 
@@ -245,6 +291,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
             cfg = resolve_defaults(cfg, Preprocessing.from_dict(recorded, where=f"{out}: provenance")
                                    if recorded is not None else None)
             check_resume(store, build_provenance(backbone, cfg, entries))
+            check_resume_content(store, cfg.images)
         except BaseException:
             store.close()
             raise
@@ -264,6 +311,25 @@ def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
         return _extract_into(store, cfg, backbone, entries)
 
 
+def nothing_kept(cfg: ExtractConfig, n: int, quarantined: Sequence[dict[str, str]]) -> DataError:
+    """The error of a run that kept no row: every listed image quarantined, with the commonest reason and a hint."""
+    from collections import Counter
+
+    reasons = Counter(q.get("reason", "?") for q in quarantined)
+    reason, count = reasons.most_common(1)[0] if reasons else ("?", 0)
+    example = next((q for q in quarantined if q.get("reason") == reason), {"path": "?", "detail": ""})
+    hints = {
+        "missing": (f"check that --images {cfg.images} is the folder the listed paths are relative to"
+                    + (f" and that {cfg.labels} is comma-separated (path,label)" if cfg.labels else "")),
+        "decompression bomb": f"raise --max-pixels (now {cfg.max_pixels}) if these images are trusted",
+    }
+    hint = hints.get(reason, "check the images (`info` lists every quarantined one)")
+    return DataError(
+        f"extract: no image was kept: all {n} listed images were quarantined ({count} {reason!r}, e.g. "
+        f"{example['path']!r}: {example.get('detail', '')}); {hint}. Delete --out {cfg.out} before re-running"
+    )
+
+
 def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries: list[ImageEntry]) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -272,6 +338,8 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
     start_rows = row = store.rows
     quarantined = store.quarantined
     summary = {"store": str(store.path), "listed": n, "resumed_from_entry": consumed, "processed": 0}
+    if store.complete and store.rows == 0 and n:
+        raise nothing_kept(cfg, n, quarantined)
     if store.complete:
         summary.update(rows=store.rows, quarantined=len(quarantined), seconds=0.0, img_per_s=0.0, complete=True)
         return summary
@@ -308,6 +376,14 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
     bar = tqdm(total=n - consumed, unit="img", desc="extract", disable=not cfg.progress, smoothing=0.1)
     processed = 0
     for win in loader:
+        if win.get("fatal"):
+            path, detail, memory = win["fatal"]
+            hint = ("out of memory: lower --image-size (now {0}), --batch-size or --workers".format(cfg.image_size)
+                    if memory else "check the disk or file system holding --images")
+            raise EnvironmentProblem(
+                f"extract: reading {path} failed for a system reason ({detail}); no image was quarantined for it. "
+                f"{hint[0].upper() + hint[1:]}, then re-run the same command to resume ({store.rows} rows are committed)"
+            )
         feats = None
         if len(win["good"]):
             feats = backbone.embed(win["pixels"]).cpu().numpy().reshape(len(win["good"]), V, D)
@@ -331,6 +407,9 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
         bar.update(int(win["hi"]) - max(int(win["lo"]), consumed))
         bar.set_postfix(quarantined=len(quarantined) + len(pending_q), refresh=False)
     bar.close()
+    if row == 0 and not buf_f and n:
+        store.commit(0, n_consumed=consumed, quarantined=quarantined)  # nothing kept: left incomplete, not finalized
+        raise nothing_kept(cfg, n, quarantined + pending_q)
     flush(n)
     store.finalize()
     seconds = time.perf_counter() - t0

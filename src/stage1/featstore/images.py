@@ -5,6 +5,7 @@ so extraction can quarantine it and carry on instead of dying or silently droppi
 """
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -16,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Default pixel limit (PIL's own default); larger images are treated as decompression bombs.
 from stage1._core.constants import DEFAULT_MAX_PIXELS as MAX_PIXELS
-from stage1._core.errors import Stage1Error
+from stage1._core.errors import EnvironmentProblem, Stage1Error
 
 #: Reason codes a ``BadImage`` may carry (stable: they appear in stores and ``info``).
 REASONS = (
@@ -42,6 +43,23 @@ class BadImage(Stage1Error):
         self.detail = detail
 
 
+class SystemReadError(EnvironmentProblem):
+    """Reading an image failed for a reason of the machine (EIO, out of memory, no file handles), not the image."""
+
+
+#: errno values that say something about the machine or file system, never about one image.
+SYSTEM_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EIO", "ENOMEM", "ENFILE", "EMFILE", "ENOSPC", "ESTALE", "ETIMEDOUT", "ENOTCONN", "EHOSTDOWN", "EREMOTEIO",
+    "ENXIO", "EDEADLK", "ENOLCK", "EBUSY", "EAGAIN") if hasattr(errno, name))
+
+
+def is_system_error(exc: BaseException) -> bool:
+    """True for failures of the machine (out of memory, I/O error, ...) that must not quarantine an image."""
+    if isinstance(exc, (MemoryError, EnvironmentProblem)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in SYSTEM_ERRNOS
+
+
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
     """Read an image file's bytes, mapping missing / empty / unreadable files to ``BadImage``."""
     try:
@@ -52,6 +70,8 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
     except IsADirectoryError:
         raise BadImage("unreadable", f"{path} is a directory") from None
     except OSError as exc:
+        if exc.errno in SYSTEM_ERRNOS:
+            raise SystemReadError(f"{path}: {exc.strerror or exc} (errno {errno.errorcode.get(exc.errno, exc.errno)})") from None
         raise BadImage("unreadable", f"{path}: {exc.strerror or exc}") from None
     if not data:
         raise BadImage("zero bytes", f"{path} is empty")

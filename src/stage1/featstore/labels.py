@@ -152,7 +152,26 @@ def list_images(images_dir: str | os.PathLike[str]) -> list[ImageEntry]:
     )
     if not found:
         raise LabelsError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}); check --images")
-    return [ImageEntry(p, -1) for p in found]
+    entries = [ImageEntry(p, -1) for p in found]
+    confine_entries(root, entries, f"{root} (no --labels: every image under it)")
+    return entries
+
+
+def confine_entries(images_dir: str | os.PathLike[str], entries: Sequence[ImageEntry], source: str) -> None:
+    """Refuse any entry whose real path (symlinks resolved) lies outside the real ``images_dir``.
+
+    ``source`` names where the list came from (the CSV, or the folder scan) for the message. Entries
+    that do not exist are left to extraction (quarantined as missing).
+    """
+    root = os.path.realpath(images_dir)
+    prefix = root.rstrip(os.sep) + os.sep
+    for e in entries:
+        real = os.path.realpath(os.path.join(root, e.path))
+        if real != root and not real.startswith(prefix):
+            raise LabelsError(
+                f"{source}: row {e.path!r} resolves (through a symlink) to {real}, outside the --images folder "
+                f"{root}; copy the image into --images or remove the row"
+            )
 
 
 def image_list_sha256(entries: Sequence[ImageEntry]) -> str:

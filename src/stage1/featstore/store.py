@@ -25,17 +25,34 @@ from stage1._core.errors import ConfigError
 from stage1._core.io import read_json, sha256_bytes, utc_timestamp
 
 from .chunks import RawChunkReader, raw_readable
-from .durability import LOCK_NAME, WriterLock, commit_attributes, fsync_chunks, sweep_partials
-from .errors import ProvenanceMismatch, StoreBusy, StoreError
+from .durability import LOCK_NAME, WriterLock, chunk_key, commit_attributes, fsync_chunks, sweep_partials
+from .errors import NotDurable, ProvenanceMismatch, StoreBusy, StoreError
 from .provenance import INFORMATIONAL_KEYS, check_provenance, provenance_differences
 
 __all__ = [
-    "DEFAULT_CHUNK_ROWS", "DTYPES", "INFORMATIONAL_KEYS", "LOCK_NAME", "SCHEMA_VERSION", "SPLITS_NAME",
-    "ProvenanceMismatch", "Store", "StoreBusy", "StoreError", "provenance_differences", "row_hashes",
+    "CHUNKS_ATTR", "DEFAULT_CHUNK_ROWS", "DTYPES", "INFORMATIONAL_KEYS", "LOCK_NAME", "ROW_ARRAYS",
+    "SCHEMA_VERSION", "SPLITS_NAME", "NotDurable", "ProvenanceMismatch", "Store", "StoreBusy", "StoreError", "provenance_differences", "row_hashes",
     "sweep_partials", "write_store",
 ]
 
 SCHEMA_VERSION = 1
+
+#: The attribute recording each committed row-chunk: {"<index>": {"rows": n, "files": {array: [bytes, sha256]}}}.
+#: Stores written before it existed (0.1.0) lack it; they get a presence and size check of `features` only.
+CHUNKS_ATTR = "chunk_files"
+
+#: The arrays with one entry per row (all chunked along rows only).
+ROW_ARRAYS = ("features", "labels", "ids", "sha256", "split", "view_levels", "view_params")
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class Store:
@@ -48,11 +65,15 @@ class Store:
         self._lock = lock
         self._attrs = dict(group.attrs)
         self._arrays: dict[str, zarr.Array] = {}
+        self._pending_chunks: dict[str, dict[str, Any]] = {}
 
     def _array(self, name: str) -> zarr.Array:
         """A member array, cached (opening one re-reads its zarr.json)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]  # type: ignore[assignment]
+            arr = self.group[name]
+            if self.mode == "r+":  # every chunk file is written, even all-fill ones, so a missing file is damage
+                arr = arr.with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
+            self._arrays[name] = arr  # type: ignore[assignment]
         return self._arrays[name]
 
     def has_array(self, name: str) -> bool:
@@ -81,11 +102,13 @@ class Store:
                     f"{root}: schema_version {version!r} is not {SCHEMA_VERSION} or arrays are missing; "
                     "re-extract or re-import it with this version"
                 )
+            store = cls(root, group, mode, lock)
+            store.check_integrity()
         except BaseException:
             if lock:
                 lock.release()
             raise
-        return cls(root, group, mode, lock)
+        return store
 
     @classmethod
     def create(
@@ -146,6 +169,7 @@ class Store:
                 "n_consumed": 0,
                 "quarantined": [],
                 "complete": False,
+                CHUNKS_ATTR: {},
                 "created": stamp,
                 "updated": stamp,
             }
@@ -177,6 +201,90 @@ class Store:
         self.group = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+", zarr_format=3)
         self._attrs = dict(self.group.attrs)
         self._arrays = {}
+        self.check_integrity()
+
+    # ------------------------------------------------------------------ integrity
+    def _row_arrays(self) -> list[str]:
+        return [name for name in ROW_ARRAYS if self.has_array(name)]
+
+    def check_integrity(self) -> None:
+        """Refuse a store whose ``n_committed`` or chunk files do not add up (cheap: stat calls only).
+
+        ``n_committed`` must be an integer within every row array's length (equal to it once complete)
+        and, where chunk records exist, equal to the rows they record; every recorded chunk file must
+        be present with its recorded size. A store without records (0.1.0) has the presence and size
+        of its `features` chunk files checked. ``verify`` re-hashes the files as well.
+        """
+        where = self.path
+        raw = self._attrs.get("n_committed", 0)
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise StoreError(f"{where}: attribute n_committed is {raw!r}, not a row count; the store is damaged")
+        n = raw
+        lengths = {name: int(self._array(name).shape[0]) for name in self._row_arrays()}
+        allocated = lengths["features"]
+        if n < 0 or n > allocated:
+            raise StoreError(f"{where}: n_committed is {n} but the features array has {allocated} rows; "
+                             "the store is damaged (was zarr.json edited?): re-extract it")
+        for name, length in lengths.items():
+            if length != allocated:
+                raise StoreError(f"{where}: array '{name}' has {length} rows, features has {allocated}; the store is damaged")
+        if self._attrs.get("complete") and n != allocated:
+            raise StoreError(f"{where}: marked complete with n_committed {n} but {allocated} rows stored; "
+                             "the store is damaged (was zarr.json edited?): re-extract it")
+        cr = int(self._array("features").chunks[0])
+        n_chunks = -(-n // cr)
+        records = self._attrs.get(CHUNKS_ATTR)
+        if records is None:
+            if "features" in lengths and raw_readable(self._array("features")):
+                reader = RawChunkReader(self.path / "features", self._array("features"))
+                expected = cr * self.views * self.dim * reader.dtype.itemsize
+                for c in range(n_chunks):
+                    self._check_file("features", c, expected, cr)
+            return
+        if not isinstance(records, dict) or sorted(records, key=lambda k: int(k) if str(k).isdigit() else -1) != [str(c) for c in range(n_chunks)]:
+            have = sorted(records) if isinstance(records, dict) else records
+            raise StoreError(f"{where}: n_committed {n} needs row-chunks 0..{n_chunks - 1} but the store records {have}; "
+                             "the store is damaged (was zarr.json edited?): re-extract it")
+        total = sum(int(records[str(c)].get("rows", 0)) for c in range(n_chunks))
+        if total != n:
+            raise StoreError(f"{where}: n_committed is {n} but the committed chunks hold {total} rows; "
+                             "the store is damaged (was zarr.json edited?): re-extract it")
+        for c in range(n_chunks):
+            for name, (size, _digest) in records[str(c)].get("files", {}).items():
+                self._check_file(name, c, int(size), cr)
+
+    def _check_file(self, name: str, index: int, size: int, cr: int) -> Path:
+        path = self.path / name / chunk_key(self._array(name), index)
+        rows = f"rows {index * cr}-{(index + 1) * cr - 1}"
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            raise StoreError(f"{path}: chunk file of '{name}' ({rows}) is missing; the store is damaged: "
+                             "restore it from a backup or re-extract") from None
+        if actual != size:
+            raise StoreError(f"{path}: chunk file of '{name}' ({rows}) has {actual} bytes, expected {size}; "
+                             "the store is damaged: restore it from a backup or re-extract")
+        return path
+
+    def verify(self) -> dict[str, Any]:
+        """Re-hash every committed chunk file against its recorded sha256; raise StoreError naming the first bad one.
+
+        Returns {"files": checked, "hashed": bool}; ``hashed`` is False for a store written before
+        chunk checksums were recorded (then only presence and size were checked, by ``open``).
+        """
+        records = self._attrs.get(CHUNKS_ATTR)
+        if records is None:
+            return {"files": 0, "hashed": False}
+        cr = self.chunk_rows
+        checked = 0
+        for c in range(-(-self.rows // cr)):
+            for name, (size, digest) in records[str(c)].get("files", {}).items():
+                path = self._check_file(name, c, int(size), cr)
+                if _file_sha256(path) != digest:
+                    raise StoreError(f"{path}: chunk file of '{name}' (rows {c * cr}-{(c + 1) * cr - 1}) does not match "
+                                     "its recorded sha256; the store is damaged: restore it from a backup or re-extract")
+                checked += 1
+        return {"files": checked, "hashed": True}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -353,17 +461,41 @@ class Store:
             self._array("split")[start : start + n] = np.asarray(list(split) if split is not None else [""] * n, dtype=object).astype(str)
             names.append("split")
         for name, value in (("view_levels", view_levels), ("view_params", view_params)):
-            if self.has_array(name) and value is not None:
-                self._array(name)[start : start + n] = np.asarray(value, dtype=self._array(name).dtype)
+            if self.has_array(name):
+                arr = self._array(name)
+                if value is None:  # not given: the fill value, written so every chunk file exists
+                    value = np.full((n,) + tuple(arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
+                arr[start : start + n] = np.asarray(value, dtype=arr.dtype)
                 names.append(name)
-        fsync_chunks(self.path, [(name, self._array(name)) for name in names], start // cr, (start + n - 1) // cr)
+        if n == 0:
+            return
+        first, last = start // cr, (start + n - 1) // cr
+        arrays = [(name, self._array(name)) for name in self._row_arrays()]  # unwritten optional arrays too
+        fsync_chunks(self.path, arrays, first, last)
+        for c in range(first, last + 1):
+            files = {}
+            for name, arr in arrays:
+                path = self.path / name / chunk_key(arr, c)
+                files[name] = [path.stat().st_size, _file_sha256(path)]
+            rows = min(start + n, (c + 1) * cr) - c * cr
+            self._pending_chunks[str(c)] = {"rows": int(rows), "files": files}
 
     def commit(self, n_committed: int, **attrs: Any) -> None:
         """Durably move the committed-rows marker (and progress attributes) forward."""
         self._require_writable()
-        update = {"n_committed": int(n_committed), "updated": utc_timestamp(), **attrs}
+        n = int(n_committed)
+        update: dict[str, Any] = {"n_committed": n, "updated": utc_timestamp(), **attrs}
+        records = self._attrs.get(CHUNKS_ATTR)
+        if records is not None or self.rows == 0:  # a 0.1.0 store resumed past rows written has no records to extend
+            cr = self.chunk_rows
+            merged = {**(records or {}), **self._pending_chunks}
+            update[CHUNKS_ATTR] = {k: v for k, v in merged.items() if int(k) * cr < n}
+            if sum(int(v["rows"]) for v in update[CHUNKS_ATTR].values()) != n or len(update[CHUNKS_ATTR]) != -(-n // cr):
+                raise StoreError(f"{self.path}: commit of {n} rows does not match the rows written; nothing was committed")
         commit_attributes(self.group, self.path, update)
         self._attrs.update(update)
+        if CHUNKS_ATTR in update:  # chunks written ahead of the marker stay pending for the next commit
+            self._pending_chunks = {k: v for k, v in self._pending_chunks.items() if k not in update[CHUNKS_ATTR]}
 
     def finalize(self) -> None:
         """Trim arrays to the committed rows (quarantined images left slack) and mark complete."""
@@ -376,6 +508,7 @@ class Store:
                     arr.resize((n,) + tuple(arr.shape[1:]))
         self._arrays = {}
         self.commit(n, complete=True)
+        self.check_integrity()
 
     def check_provenance(self, provenance: dict[str, Any]) -> None:
         """Refuse (naming the attribute) when ``provenance`` differs from the stored one."""

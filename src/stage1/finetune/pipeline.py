@@ -132,13 +132,14 @@ def _feature_stats(model: torch.nn.Module, data: ViewDataset, rt: Runtime, batch
 
 def run_finetune(job: FinetuneJob) -> dict[str, Any]:
     """Fine-tune, merge and save; returns a summary (also the core of provenance.json)."""
-    from stage1.featstore.labels import parse_labels_csv
+    from stage1.featstore.labels import confine_entries, parse_labels_csv
     from stage1.featstore.splits import make_splits, parse_fractions, split_counts
     from stage1.heads import HEADS
 
     backbone, prep, out = _prepare(job)
     head = HEADS.create(job.head, **job.head_params)
     entries, has_split = parse_labels_csv(job.labels)
+    confine_entries(job.images, entries, str(job.labels))  # no symlink may lead outside --images
     items, quarantined, kept = collect_items(job.images, entries, job.image_size)
     if not items:
         raise DataError(f"{job.labels}: no readable images ({len(quarantined)} quarantined)")
@@ -215,10 +216,12 @@ def run_adapt(job: AdaptJob) -> dict[str, Any]:
 
     With ``--ibot-weight`` the backbone's mask token trains too (iBOT learns its [MASK] embedding).
     """
-    from stage1.featstore.labels import list_images, parse_labels_csv
+    from stage1.featstore.labels import confine_entries, list_images, parse_labels_csv
 
     backbone, prep, out = _prepare(job)
     entries = parse_labels_csv(job.image_list)[0] if job.image_list else list_images(job.images)
+    if job.image_list:  # list_images already confines the folder scan
+        confine_entries(job.images, entries, str(job.image_list))
     items, quarantined, _ = collect_items(job.images, entries, job.image_size)
     if len(items) < job.train.batch_size:
         raise DataError(f"{job.images}: {len(items)} readable images, fewer than --batch-size "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import shutil
 from pathlib import Path
 from typing import Any
@@ -219,8 +220,12 @@ def verify_files(bundle: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def check_backbone(manifest: dict[str, Any], weights_sha256: str, hidden_size: int, where: str) -> None:
-    """Refuse a backbone whose weights hash or feature width differs from the bundle's."""
+def check_backbone(manifest: dict[str, Any], weights_sha256: str, hidden_size: int, where: str,
+                   config_sha256: str | None = None) -> None:
+    """Refuse a backbone whose weights hash, config.json hash or feature width differs from the bundle's.
+
+    A bundle made before the config hash was recorded has none: that is said on stderr, not refused.
+    """
     want = manifest["backbone"]
     if int(hidden_size) != int(want["hidden_size"]):
         raise BundleError(f"backbone {where} has width {hidden_size}, the bundle's head expects "
@@ -229,3 +234,12 @@ def check_backbone(manifest: dict[str, Any], weights_sha256: str, hidden_size: i
         raise BundleError(f"backbone {where} has weights sha256 {weights_sha256[:12]}..., the bundle was "
                           f"made with {str(want['weights_sha256'])[:12]}... ({want.get('path', '?')}); features "
                           "would not match the head: pass --backbone with the same weights")
+    if config_sha256 is not None:
+        recorded = want.get("config_sha256")
+        if recorded is None:
+            sys.stderr.write(f"note: the bundle does not record its backbone's config.json hash (made before it "
+                             f"was); only the weights of {where} are checked\n")
+        elif recorded != config_sha256:
+            raise BundleError(f"backbone {where} has config.json sha256 {config_sha256[:12]}..., the bundle was "
+                              f"made with {str(recorded)[:12]}...: the same weights under another config compute "
+                              "other features; pass --backbone with the config the bundle was made with")

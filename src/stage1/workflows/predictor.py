@@ -114,7 +114,7 @@ class Stage1Predictor:
     def from_bundle(cls, path: str | os.PathLike[str], backbone: str | os.PathLike[str] | None = None,
                     device: str = "cpu") -> "Stage1Predictor":
         """Verify the bundle (schema, every file hash), check the backbone's hash and width, load all."""
-        from stage1.featstore.backbones import load_backbone, weights_sha256
+        from stage1.featstore.backbones import config_sha256, load_backbone, weights_sha256
         from stage1._core.io import read_json
         from stage1.heads import load_head
         from stage1.policies import policy_from_dict
@@ -125,7 +125,8 @@ class Stage1Predictor:
             raise BundleError(f"--backbone {folder}: no config.json; pass a local Hugging Face model folder")
         _, digest = weights_sha256(folder)
         hidden = read_json(folder / "config.json").get("hidden_size")
-        check_backbone(manifest, digest, int(hidden) if hidden is not None else -1, str(folder))
+        check_backbone(manifest, digest, int(hidden) if hidden is not None else -1, str(folder),
+                       config_sha256=config_sha256(folder))
         bb = load_backbone(folder, device=device, kind=manifest["backbone"].get("kind", "hf"))
         check_backbone(manifest, digest, bb.hidden_size, str(folder))
         head = load_head(path)
