@@ -329,3 +329,103 @@ def test_export_refuses_a_hand_edited_policy(trained_run: dict[str, Path], tmp_p
     (run / "policy.json").write_text(json.dumps(d))
     _refused(["export", str(run), "--out", str(tmp_path / "b")], "policy.json", needle)
     assert not (tmp_path / "b").exists()
+
+
+# -- trust nothing on disk: stale metrics, an interrupted --force, broken files --------------------------
+def _export(run: Path, out: Path, *extra: str):
+    return CliRunner().invoke(cli.main, ["export", str(run), "--out", str(out), *extra])
+
+
+def test_export_copies_metrics_only_of_the_policy_they_evaluated(trained_run: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    res = CliRunner().invoke(cli.main, ["evaluate", str(run)])
+    assert res.exit_code == 0, res.output
+    res = _export(run, tmp_path / "b1")
+    assert res.exit_code == 0, res.output
+    cal = json.loads((tmp_path / "b1" / "bundle.json").read_text())["calibration"]
+    assert cal["metrics"]["policy_sha256"] == json.loads((run / "metrics.json").read_text())["policy_sha256"]
+    res = CliRunner().invoke(cli.main, ["calibrate", str(run), "--policy", "coverage", "--coverage", "0.8", "--score", "p"])
+    assert res.exit_code == 0, res.output
+    res = _export(run, tmp_path / "b2")
+    assert res.exit_code == 0, res.output
+    cal = json.loads((tmp_path / "b2" / "bundle.json").read_text())["calibration"]
+    assert "metrics" not in cal and "evaluate" in cal["metrics_omitted"]
+    assert "evaluate" in res.stderr and "metrics.json" in res.stderr
+
+
+def test_export_refuses_non_finite_metrics_naming_the_field(trained_run: dict[str, Path], tmp_path: Path) -> None:
+    from stage1._core.io import sha256_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    (run / "metrics.json").write_text(json.dumps({"coverage": float("inf"),
+                                                  "policy_sha256": sha256_file(run / "policy.json")}))
+    _refused(["export", str(run), "--out", str(tmp_path / "b")], "metrics.json", "calibration.metrics.coverage")
+    assert not (tmp_path / "b").exists()
+
+
+def _interrupt_force(out: Path) -> Path:
+    """What a crash inside `export --force` leaves: the old bundle swapped aside, no OUT."""
+    old = out.parent / f".{out.name}.old.abc123.partial"
+    old.mkdir()
+    out.rename(old / out.name)
+    (out.parent / f".{out.name}.zz9.partial").mkdir()  # the new bundle's unfinished build folder
+    return old
+
+
+def test_interrupted_force_export_recovers_on_the_next_export(trained_run: dict[str, Path], tmp_path: Path) -> None:
+    from stage1.workflows.bundle import verify_files
+
+    out = tmp_path / "b"
+    assert _export(trained_run["run"], out).exit_code == 0
+    before = (out / "bundle.json").read_bytes()
+    _interrupt_force(out)
+    _refused(["export", str(trained_run["run"]), "--out", str(out)], "already exists", "--force")
+    assert (out / "bundle.json").read_bytes() == before
+    verify_files(out)
+    assert not list(tmp_path.glob(f".{out.name}.old.*"))
+    res = _export(trained_run["run"], out, "--force")
+    assert res.exit_code == 0, res.output
+    verify_files(out)
+
+
+def test_interrupted_force_export_recovers_on_the_next_predict(trained_run: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    assert _export(trained_run["run"], out).exit_code == 0
+    _interrupt_force(out)
+    from stage1.workflows.predictor import Stage1Predictor
+
+    # (the `predict` CLI checks BUNDLE exists before it gets here: workflows/commands.py must call
+    # recover_bundle first; the library entry point recovers by itself)
+    pred = Stage1Predictor.from_bundle(out, backbone=trained_run["backbone"])
+    assert len(pred.predict([str(trained_run["images"] / "im03.png")])) == 1
+    assert (out / "bundle.json").is_file() and not list(tmp_path.glob(f".{out.name}.old.*"))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 40, b"\x80\x04\x95garbage-pickle", b"{\"not\": \"safetensors\"}"])
+def test_export_refuses_a_corrupt_head_file(trained_run: dict[str, Path], tmp_path: Path, content: bytes) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    (run / "head.safetensors").write_bytes(content)
+    res = _export(run, tmp_path / "b")
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert "head.safetensors" in res.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_os_error_is_one_line_naming_the_file(trained_run: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from stage1._core import io
+
+    def failing(path, data):  # noqa: ANN001
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "atomic_write_bytes", failing)
+    res = _export(trained_run["run"], tmp_path / "b")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "No space left on device" in res.output and "bundle.json" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()

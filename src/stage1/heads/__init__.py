@@ -98,7 +98,13 @@ def load_head(path: str | os.PathLike[str]) -> "Head":
     training = meta.get("training")
     if training is not None and not isinstance(training, dict):
         raise DataError(f"{meta_path}: training must be an object or null; {fix}")
-    tensors = load_safetensors(weights_path)
+    try:
+        tensors = load_safetensors(weights_path)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError on a damaged file
+        raise DataError(f"{weights_path}: not a readable safetensors file ({exc}); the file is damaged or "
+                        f"is another format (pickled weights are never loaded); {fix}") from None
     for key, arr in tensors.items():
         a = np.asarray(arr)
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):

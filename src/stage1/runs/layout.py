@@ -187,6 +187,14 @@ def read_policy(run: str | os.PathLike[str]) -> dict[str, Any]:
     return read_json(_need(Path(run) / POLICY, "policy", "run `calibrate RUN --policy NAME` first"))
 
 
+def policy_sha256(run: str | os.PathLike[str]) -> str:
+    """sha256 of policy.json's bytes: ``evaluate`` records it in metrics.json, ``export`` copies the
+    metrics only while policy.json still has it (a re-calibrate makes them stale)."""
+    from stage1._core.io import sha256_file
+
+    return sha256_file(_need(Path(run) / POLICY, "policy", "run `calibrate RUN --policy NAME` first"))
+
+
 def eval_dir(run: str | os.PathLike[str], split: str, views: str = "clean") -> Path:
     """Where ``evaluate`` writes: the run folder for test, ``eval_{split}/`` for other splits;
     with ``views="validator"`` always ``eval_{split}_validator/`` (view-0 results stay where they were)."""

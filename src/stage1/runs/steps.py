@@ -33,15 +33,61 @@ def _splits_file(store: str | os.PathLike[str]) -> Path:
     return path
 
 
+def check_splits_current(splits_path: str | os.PathLike[str], store: Any) -> None:
+    """Refuse a splits.json made on another state of the store (rows since added, another image list).
+
+    splits.json records the store it was made on (``store.rows``, ``store.image_list_sha256``; newer
+    versions also ``store.n_committed``, ``store.complete`` and ``store.fingerprint``); a split made
+    while extraction was still running would otherwise train on a fraction of the rows.
+    """
+    from stage1._core.io import read_json
+
+    path = Path(splits_path)
+    data = read_json(path)
+    recorded = data.get("store") if isinstance(data, dict) else None
+    fix = f"re-run `stage1 split {path.parent}` to split the store as it is now"
+    if not isinstance(recorded, dict):
+        raise DataError(f"{path}: records no store facts (rows, image list), so it cannot be tied to this "
+                        f"store; {fix}")
+    now = int(store.rows)
+    for key in ("rows", "n_committed"):
+        was = recorded.get(key)
+        if was is None:
+            continue
+        if not isinstance(was, int) or isinstance(was, bool) or was != now:
+            raise DataError(f"{path}: made when the store had {was!r} rows, it has {now} now (extraction "
+                            f"continued, or the store was rebuilt); {fix}")
+    if "image_list_sha256" in recorded:
+        have = str((store.provenance or {}).get("image_list_sha256", ""))
+        if str(recorded["image_list_sha256"]) != have:
+            raise DataError(f"{path}: made for another image list (image_list_sha256 "
+                            f"{str(recorded['image_list_sha256'])[:12] or 'none'} vs the store's "
+                            f"{have[:12] or 'none'}); {fix}")
+    from stage1.featstore import splits as splits_mod
+
+    fingerprint = getattr(splits_mod, "store_fingerprint", None)
+    if "fingerprint" in recorded and fingerprint is not None and recorded["fingerprint"] != fingerprint(store):
+        raise DataError(f"{path}: the store's rows (content or labels) changed since the split was made; {fix}")
+
+
 def load_split_arrays(store_path: str | os.PathLike[str]) -> dict[str, Any]:
     """Features of every split in RAM (one read of the store), labels, rows and store facts."""
     from stage1.featstore import open_store
     from stage1.featstore.splits import load_splits
 
     store = open_store(str(store_path))
-    splits = load_splits(_splits_file(store_path), n_rows=store.rows)
+    splits_path = _splits_file(store_path)
+    splits = load_splits(splits_path, n_rows=store.rows)
+    check_splits_current(splits_path, store)
     rows_all = np.unique(np.concatenate([splits[s] for s in SPLIT_NAMES]))
     feats = store.load_features(rows=rows_all)  # [m, V, D] float32, read once
+    bad = ~np.isfinite(feats).all(axis=(1, 2))
+    if bad.any():
+        rows_bad = rows_all[bad]
+        shown = ", ".join(str(int(r)) for r in rows_bad[:10]) + (", ..." if len(rows_bad) > 10 else "")
+        raise DataError(f"{store_path}: features must be finite; {len(rows_bad)} store row(s) hold NaN or "
+                        f"infinite values (rows {shown}); re-extract those images or drop them from "
+                        f"{layout.SPLITS} (`stage1 split`) before training")
     pos = {int(r): i for i, r in enumerate(rows_all)}
     labels = np.asarray(store.labels, dtype=np.int64)
     levels = store.view_levels()  # [N, V] int8 or None (store made without validator views)
@@ -384,6 +430,7 @@ def evaluate_run(run: str | os.PathLike[str], split: str = "test", views: str = 
             extra.update({f"{lv}_per_level_{k}": v for k, v in pl[lv].items()})
             extra[f"{lv}_per_level_certified"] = bool(entry["certified"])
     metrics.update({"split": split, "head": cfg.get("head"), "policy": policy.name,
+                    "policy_sha256": layout.policy_sha256(run),
                     "guarantee_statement": guarantee_statement(policy_json),
                     "certified": bool(policy.certified), "unlabelled_skipped": dropped, **extra})
     out = layout.eval_dir(run, split, views)

@@ -68,7 +68,7 @@ def run_provenance(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _calibration_facts(run: Path, policy: dict[str, Any]) -> dict[str, Any]:
-    from stage1._core.io import read_json
+    from stage1._core.io import read_json, sha256_file
 
     from stage1.policies.guarantee import bounded_risks, guarantee_statement
 
@@ -86,7 +86,16 @@ def _calibration_facts(run: Path, policy: dict[str, Any]) -> dict[str, Any]:
     }
     metrics_path = run / "metrics.json"
     if metrics_path.is_file():
-        facts["metrics"] = read_json(metrics_path)
+        metrics = read_json(metrics_path)
+        want = sha256_file(run / "policy.json")
+        got = metrics.get("policy_sha256") if isinstance(metrics, dict) else None
+        if got == want:
+            facts["metrics"] = metrics
+        else:  # metrics of another policy (a re-calibrate since), or of a version that did not record it
+            why = "an earlier policy.json (calibrate ran since)" if got else "a policy.json it does not identify"
+            sys.stderr.write(f"warning: {metrics_path} evaluated {why}; the bundle carries no test metrics: "
+                             f"run `stage1 evaluate {run}` and export again to include them\n")
+            facts["metrics_omitted"] = f"metrics.json did not match policy.json; re-run evaluate, then export"
     return facts
 
 
@@ -132,8 +141,29 @@ def build_manifest(run_dir: str | os.PathLike[str], files: dict[str, str]) -> di
         "calibration": _calibration_facts(run, policy),
         "files": files,
     }
+    for key in ("policy", "calibration"):
+        try:
+            json.dumps(manifest[key], allow_nan=False)
+        except ValueError:
+            src = "policy.json" if key == "policy" else "policy.json / metrics.json"
+            raise BundleError(f"{run}: {src} holds a NaN or infinite number ({_non_finite_path(manifest[key], key)}); "
+                              "a bundle stores strict JSON: re-run `calibrate` (and `evaluate`)") from None
     manifest["manifest_sha256"] = manifest_digest(manifest)
     return json.loads(json.dumps(manifest, allow_nan=False))
+
+
+def _non_finite_path(obj: Any, where: str) -> str:
+    """The first field holding NaN or +-inf inside ``obj``, as a dotted path."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite_path(v, f"{where}.{k}")
+        if found:
+            return found
+    return ""
 
 
 def _check_loadable(run: Path, policy: dict[str, Any]) -> None:
@@ -162,6 +192,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         hint = " (run `calibrate` first)" if "policy.json" in missing else ""
         raise BundleError(f"{run}: missing {', '.join(missing)}; not a trained run dir{hint}")
     out = Path(out)
+    recover_bundle(out)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
     with atomic_dir(out) as work:  # an existing bundle (--force) is swapped out only once this one verifies
@@ -171,6 +202,41 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         atomic_write_json(work / BUNDLE_JSON, build_manifest(run, files))
         verify_files(work)
     return out
+
+
+def recover_bundle(out: str | os.PathLike[str]) -> bool:
+    """Finish what an interrupted ``export --force`` left behind; True when a bundle was restored.
+
+    ``export --force`` swaps the old bundle into ``.NAME.old.*.partial/NAME`` and then renames the
+    new one into place; a crash between the two leaves no ``NAME``. Then the old copy (if it still
+    verifies) is moved back. Once ``NAME`` exists again, such leftovers (and build folders
+    ``.NAME.*.partial`` of crashed exports) are removed.
+    """
+    import glob
+
+    out = Path(out)
+    parent = out.parent
+    if not parent.is_dir():
+        return False
+    olds = sorted((Path(p) for p in glob.glob(str(parent / f".{glob.escape(out.name)}.old.*.partial"))),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    restored = False
+    if not out.exists():
+        for old in olds:
+            copy = old / out.name
+            try:
+                verify_files(copy)
+            except (BundleError, OSError):
+                continue
+            os.rename(copy, out)
+            restored = True
+            sys.stderr.write(f"note: {out} was missing after an interrupted `export --force`; restored the "
+                             f"previous bundle from {old}\n")
+            break
+    if out.exists():
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+    return restored
 
 
 # -- verification -----------------------------------------------------------------------------------

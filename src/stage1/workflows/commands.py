@@ -82,7 +82,7 @@ def export(run: str, out: str, force: bool) -> None:
 
 
 @command()
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("bundle", type=click.Path(file_okay=False))  # a bundle lost mid `export --force` is recovered
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
               help="Backbone folder (must have the bundle's weights sha256). [default: the recorded path, "

@@ -13,7 +13,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from stage1.policies.decision import Decision
-from stage1.workflows.bundle import (IMGFOCUS_WEIGHTS_SHA256, BundleError, check_backbone, verify_files)
+from stage1.workflows.bundle import (IMGFOCUS_WEIGHTS_SHA256, BundleError, check_backbone, recover_bundle,
+                                     verify_files)
 
 #: file extensions ``predict DIR`` picks up (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -119,6 +120,8 @@ class Stage1Predictor:
         from stage1.heads import load_head
         from stage1.policies import policy_from_dict
 
+        if not Path(path).exists():
+            recover_bundle(path)  # an `export --force` interrupted mid-swap left the old copy aside
         manifest = verify_files(path)
         folder = resolve_backbone(manifest, backbone)
         if not (folder / "config.json").is_file():
