@@ -429,3 +429,16 @@ def test_export_os_error_is_one_line_naming_the_file(trained_run: dict[str, Path
     assert "No space left on device" in res.output and "bundle.json" in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
+
+
+def test_predict_dir_names_the_files_it_skips(tmp_path: Path, capsys) -> None:
+    """`predict DIR` takes image files and says which others it left out (a .heic holding JPEG bytes)."""
+    from stage1.workflows.predictor import expand_inputs
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b.heic").write_bytes(b"\xff\xd8\xff")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.PNG").write_bytes(b"x")
+    assert expand_inputs([tmp_path]) == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "c.PNG")]
+    err = capsys.readouterr().err
+    assert "skipped 1 file(s)" in err and "'b.heic'" in err

@@ -377,3 +377,49 @@ def test_sweep_never_shows_the_storage_password(store: Path, space_file: Path, t
     for f in out.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".csv", ".txt"):
             assert "hunter2" not in f.read_text(errors="replace"), f
+
+
+def _trial_run(store: Path, run_dir: Path, trial: int = 0) -> Path:
+    from stage1.workflows.sweep.data import SweepData
+    from stage1.workflows.sweep.report import write_trial_run
+
+    return write_trial_run(SweepData.load(store), run_dir, "mlp", {"hidden": 8, "epochs": 1, "batch_size": 32},
+                           "threshold", {"threshold": 0.8}, seed=0,
+                           sweep={"study": "s", "trial": trial, "values": [0.5, 0.1]})
+
+
+def test_a_run_dir_killed_mid_write_is_written_again(store: Path, tmp_path: Path, monkeypatch) -> None:
+    """A sweep that dies while writing a run dir leaves nothing that blocks the next run ("holds another run")."""
+    import stage1.runs.steps as steps
+
+    run_dir = tmp_path / "out" / "runs" / "trial-00000"
+    real = steps.evaluate_run
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt  # the process stops between train / calibrate and the sweep record
+
+    monkeypatch.setattr(steps, "evaluate_run", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _trial_run(store, run_dir)
+    assert not run_dir.exists()  # built aside, renamed only when complete
+    monkeypatch.setattr(steps, "evaluate_run", real)
+    # what a kill -9 leaves: a stale temp folder of the same trial
+    stale = run_dir.parent / ".trial-00000.x1.partial"
+    (stale / "junk").mkdir(parents=True)
+    _trial_run(store, run_dir)
+    assert json.loads((run_dir / "config.json").read_text())["sweep"]["trial"] == 0
+    assert not stale.exists() and not list(run_dir.parent.glob("*.partial"))
+    assert _trial_run(store, run_dir) == run_dir  # complete: kept as it is
+
+
+def test_a_half_run_dir_left_by_an_older_sweep_is_recovered(store: Path, tmp_path: Path) -> None:
+    """A run dir trained on this store with this head but without its sweep record is rewritten, not refused."""
+    from stage1.runs.steps import train_run
+
+    run_dir = tmp_path / "out" / "runs" / "trial-00001"
+    train_run(str(store), "mlp", run_dir, {"seed": 0, "threads": 0, "hidden": 8, "epochs": 1, "batch_size": 32},
+              progress=False)
+    assert "sweep" not in json.loads((run_dir / "config.json").read_text())
+    _trial_run(store, run_dir, trial=1)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["sweep"]["trial"] == 1 and (run_dir / "policy.json").exists()

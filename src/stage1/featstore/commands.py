@@ -18,6 +18,8 @@ from stage1._core.constants import (
     SPLIT_NAMES,
 )
 from stage1.cli.errors import command
+
+from .limits import MAX_BYTES
 from stage1.cli.options import (
     batch_size_option,
     device_option,
@@ -61,10 +63,12 @@ def _int_list(text: str, name: str) -> list[int]:
 @threads_option(help="Torch threads for the forward pass (0 = torch's default).")
 @click.option("--chunk-rows", default=DEFAULT_CHUNK_ROWS, show_default=True, type=int, help="Rows per Zarr chunk and per durable commit.")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int, help="Larger images are quarantined as decompression bombs.")
+@click.option("--max-bytes", default=MAX_BYTES, show_default=True, type=int,
+              help="Larger image files are quarantined (\"too large\") without being read.")
 @click.option("--draft/--no-draft", default=True, show_default=True, help="Decode large JPEGs at reduced scale (libjpeg draft mode) before resizing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(images, labels, backbone, out, batch_size, image_size, dtype, views, view_levels, view_recipe, preprocess,
-            view_seed, device, workers, threads, chunk_rows, max_pixels, draft, quiet) -> None:
+            view_seed, device, workers, threads, chunk_rows, max_pixels, max_bytes, draft, quiet) -> None:
     """Run a frozen backbone over images and store CLS features in a Zarr store.
 
     Rows are committed in chunk-sized blocks; interrupting and re-running the same command resumes
@@ -77,7 +81,7 @@ def extract(images, labels, backbone, out, batch_size, image_size, dtype, views,
         images=images, labels=labels, backbone=backbone, out=out, batch_size=batch_size, image_size=image_size,
         dtype=dtype, views=views, view_seed=view_seed, view_recipe=view_recipe, preprocess=preprocess,
         view_levels=None if view_levels is None else _int_list(view_levels, "--view-levels"),
-        device=device, workers=workers, threads=threads, chunk_rows=chunk_rows, max_pixels=max_pixels, draft=draft,
+        device=device, workers=workers, threads=threads, chunk_rows=chunk_rows, max_pixels=max_pixels, max_bytes=max_bytes, draft=draft,
         progress=not quiet,
     )
     summary = run_extract(cfg)

@@ -3,13 +3,16 @@
 A store's rows become visible only when ``n_committed`` moves past them, so written chunk files are
 fsynced before the marker, and the marker (one zarr.json write) is fsynced after it; a failed fsync
 raises ``NotDurable`` instead of letting the marker move over data that may not be on disk. One process
-writes a store at a time (an advisory ``flock`` the kernel drops if the writer dies); a writer that
-takes the lock may delete the ``*.partial`` temp files a killed writer left behind.
+writes a store at a time (an advisory ``flock`` the kernel drops if the writer dies); a forked child
+(a DataLoader worker) closes its inherited copy of the lock at once, so the lock dies with the process
+that took it even if orphaned children live on. A writer that takes the lock may delete the
+``*.partial`` temp files a killed writer left behind.
 """
 from __future__ import annotations
 
 import errno
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -81,8 +84,33 @@ def sweep_partials(root: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+#: Every lock this process holds; a forked child drops its inherited copies (``_drop_in_child``).
+_HELD: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
+
+
+def _drop_in_child() -> None:
+    """After ``fork``: close this child's copies of the parent's lock files (the parent keeps its lock).
+
+    ``flock`` belongs to the open file, which a fork shares; without this an orphaned worker (its
+    parent killed with -9) would hold the store lock for as long as it lives.
+    """
+    for lock in list(_HELD):
+        try:
+            lock.fh.close()
+        except OSError:  # pragma: no cover - closing our own copy cannot matter to the parent
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_in_child)
+
+
 class WriterLock:
-    """An exclusive advisory lock (flock) on STORE/.featstore.lock; the kernel drops it if we die."""
+    """An exclusive advisory lock (flock) on STORE/.featstore.lock, owned by this process alone.
+
+    The kernel drops it when the process dies; forked children never keep it (see ``_drop_in_child``).
+    """
 
     def __init__(self, root: Path) -> None:
         """Take the lock or raise ``StoreBusy`` at once (never waits)."""
@@ -96,8 +124,10 @@ class WriterLock:
         except BlockingIOError:
             self.fh.close()
             raise StoreBusy(f"{root}: another process is writing this store; wait for it to finish") from None
+        _HELD.add(self)
 
     def release(self) -> None:
         """Drop the lock (idempotent)."""
+        _HELD.discard(self)
         if not self.fh.closed:
             self.fh.close()

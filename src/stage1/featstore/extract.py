@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, check_image_size, load_backbone
-from .images import MAX_PIXELS, is_system_error, quarantine_reason, read_bytes
+from .images import MAX_BYTES, MAX_PIXELS, is_system_error, quarantine_reason, read_bytes
 from stage1._core.io import sha256_bytes
-from .labels import ImageEntry, confine_entries, image_list_sha256, list_images, parse_labels_csv
+from .labels import ImageEntry, confine_entries, describe_skipped, image_list_sha256, parse_labels_csv, scan_images
 from .preprocessing import Preprocessing, ViewRecipe
-from .store import DEFAULT_CHUNK_ROWS, ProvenanceMismatch, Store
+from .store import DEFAULT_CHUNK_ROWS, ProvenanceMismatch, Store, unfinished_creation
 from .preprocessing import CLEAN_RULES
 from .views import DEFAULT_RECIPE, LEVELS, PARAM_NAMES, VIEW_RECIPES, empty_params, view_recipe, view_seed
 from stage1._core.errors import ConfigError, DataError, EnvironmentProblem
@@ -52,6 +52,8 @@ class ExtractConfig:
     threads: int = 0
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     max_pixels: int = MAX_PIXELS
+    #: larger image files are quarantined ("too large") without being read
+    max_bytes: int = MAX_BYTES
     draft: bool = True
     progress: bool = True
     backbone_kind: str = "hf"
@@ -65,13 +67,14 @@ class DecodeSpec:
     root: str
     prep: Preprocessing
     max_pixels: int
+    max_bytes: int | None = MAX_BYTES
 
 
 def decode_entry(spec: DecodeSpec, rel_path: str) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
     """Pixels [V, 3, S, S] (view 0 clean, then distorted views), the file's sha256, each view's level
     int8 [V] (-1: view 0 squashed) and parameter record float32 [V, P] (``views.PARAM_NAMES``); BadImage on failure."""
     path = Path(spec.root) / rel_path
-    data = read_bytes(path)
+    data = read_bytes(path, spec.max_bytes)
     digest = sha256_bytes(data)
     prep = spec.prep
     img = prep.decode(data, rel_path, max_pixels=spec.max_pixels)
@@ -179,6 +182,7 @@ def build_provenance(backbone: Backbone, cfg: ExtractConfig, entries: Sequence[I
         "image_list_sha256": image_list_sha256(entries),
         "n_images": len(entries),
         "max_pixels": int(cfg.max_pixels),
+        "max_bytes": int(cfg.max_bytes),
         "images_root": str(Path(cfg.images).resolve()),
     }
 
@@ -201,7 +205,7 @@ def check_resume_content(store: Store, images: str) -> None:
     for r in sorted({int(round(x)) for x in np.linspace(0, n - 1, min(n, RESUME_SAMPLE))}):
         path = Path(images) / ids[r]
         try:
-            digest = sha256_bytes(read_bytes(path))
+            digest = sha256_bytes(read_bytes(path, None))
         except Exception as exc:  # missing / unreadable now
             digest = f"<{quarantine_reason(exc, ids[r])[0]}>"
         if digest != hashes[r]:
@@ -218,8 +222,9 @@ def check_resume(store: Store, provenance: dict[str, Any]) -> None:
     The preprocessing is compared as a ``Preprocessing`` (so a store made by 0.1.0 resumes however
     its record is spelled); everything else attribute by attribute, by ``Store.check_provenance``.
     """
-    if "max_pixels" not in store.provenance:  # written before it was recorded: not compared
-        provenance = {k: v for k, v in provenance.items() if k != "max_pixels"}
+    for key in ("max_pixels", "max_bytes"):
+        if key not in store.provenance:  # written before it was recorded: not compared
+            provenance = {k: v for k, v in provenance.items() if k != key}
     stored_bb = store.provenance.get("backbone")
     new_bb = provenance.get("backbone")
     if isinstance(stored_bb, dict) and isinstance(new_bb, dict) and "config_sha256" in new_bb \
@@ -241,7 +246,10 @@ def load_entries(cfg: ExtractConfig) -> tuple[list[ImageEntry], bool]:
         entries, has_split = parse_labels_csv(cfg.labels)
         confine_entries(cfg.images, entries, str(cfg.labels))
         return entries, has_split
-    return list_images(cfg.images), False
+    entries, skipped = scan_images(cfg.images)
+    if skipped:
+        sys.stderr.write(f"extract: {describe_skipped(skipped, f'--images {cfg.images}')}\n")
+    return entries, False
 
 
 def validate_config(cfg: ExtractConfig) -> None:
@@ -253,6 +261,7 @@ def validate_config(cfg: ExtractConfig) -> None:
         (cfg.threads >= 0, "--threads must be >= 0"),
         (cfg.chunk_rows >= 1, "--chunk-rows must be >= 1"),
         (cfg.max_pixels >= 1, "--max-pixels must be >= 1"),
+        (cfg.max_bytes >= 1, "--max-bytes must be >= 1"),
         (cfg.dtype in ("float16", "float32"), "--dtype must be float16 or float32"),
         (cfg.view_levels is None or (all(lv in LEVELS for lv in cfg.view_levels) and len(cfg.view_levels) > 0),
          "--view-levels must be levels 0-3"),
@@ -284,7 +293,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
         backbone = load_backbone(cfg.backbone, device=cfg.device, kind=cfg.backbone_kind)
     check_image_size(cfg.image_size, backbone.patch_size)
     out = Path(cfg.out)
-    if (out / "zarr.json").exists():
+    if (out / "zarr.json").exists() and not unfinished_creation(out):  # an interrupted creation starts again
         store = Store.open(out, mode="r+")
         try:
             recorded = store.provenance.get("preprocessing")
@@ -311,6 +320,30 @@ def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
         return _extract_into(store, cfg, backbone, entries)
 
 
+#: How many conflicting-label pairs extract names on stderr (the count covers all).
+CONFLICTS_SHOWN = 10
+
+
+def label_conflicts(ids: Sequence[str], sha256: Sequence[str], labels: Sequence[int]) -> list[str]:
+    """One line per image content (sha256) stored under both label 0 and label 1, naming both rows.
+
+    Identical bytes cannot be both classes: one of the rows is mislabelled (unlabelled rows are ignored).
+    """
+    first: dict[str, dict[int, tuple[int, str]]] = {}
+    lines = []
+    for r, (i, h, lab) in enumerate(zip(ids, sha256, labels)):
+        lab = int(lab)
+        if lab not in (0, 1):
+            continue
+        seen = first.setdefault(str(h), {})
+        other = seen.get(1 - lab)
+        if other is not None and lab not in seen:
+            lines.append(f"identical images with conflicting labels: row {other[0]} ({other[1]!r}, label {1 - lab}) "
+                         f"and row {r} ({str(i)!r}, label {lab}) have sha256 {str(h)[:12]}; fix one label")
+        seen.setdefault(lab, (r, str(i)))
+    return lines
+
+
 def nothing_kept(cfg: ExtractConfig, n: int, quarantined: Sequence[dict[str, str]]) -> DataError:
     """The error of a run that kept no row: every listed image quarantined, with the commonest reason and a hint."""
     from collections import Counter
@@ -322,6 +355,8 @@ def nothing_kept(cfg: ExtractConfig, n: int, quarantined: Sequence[dict[str, str
         "missing": (f"check that --images {cfg.images} is the folder the listed paths are relative to"
                     + (f" and that {cfg.labels} is comma-separated (path,label)" if cfg.labels else "")),
         "decompression bomb": f"raise --max-pixels (now {cfg.max_pixels}) if these images are trusted",
+        "too large": f"raise --max-bytes (now {cfg.max_bytes}) if these files are trusted",
+        "not a regular file": "only regular files are read; replace FIFOs, sockets and devices by the image files",
     }
     hint = hints.get(reason, "check the images (`info` lists every quarantined one)")
     return DataError(
@@ -344,7 +379,8 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
         summary.update(rows=store.rows, quarantined=len(quarantined), seconds=0.0, img_per_s=0.0, complete=True)
         return summary
     B = cfg.batch_size
-    spec = DecodeSpec(root=str(Path(cfg.images)), prep=build_preprocessing(backbone, cfg), max_pixels=cfg.max_pixels)
+    spec = DecodeSpec(root=str(Path(cfg.images)), prep=build_preprocessing(backbone, cfg), max_pixels=cfg.max_pixels,
+                      max_bytes=cfg.max_bytes)
     dataset = WindowDataset(spec, [e.path for e in entries], B, consumed // B)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=cfg.workers,
@@ -412,6 +448,13 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
         raise nothing_kept(cfg, n, quarantined + pending_q)
     flush(n)
     store.finalize()
+    conflicts = label_conflicts(store.ids, store.sha256, store.labels)
+    for line in conflicts[:CONFLICTS_SHOWN]:
+        sys.stderr.write(f"extract: warning: {line}\n")
+    if len(conflicts) > CONFLICTS_SHOWN:
+        sys.stderr.write(f"extract: warning: ... and {len(conflicts) - CONFLICTS_SHOWN} more identical images "
+                         "with conflicting labels\n")
+    summary["label_conflicts"] = len(conflicts)
     seconds = time.perf_counter() - t0
     summary.update(
         rows=store.rows, new_rows=store.rows - start_rows, quarantined=len(quarantined), processed=processed,

@@ -9,6 +9,7 @@ import errno
 import io
 import math
 import os
+import stat
 import warnings
 from typing import Sequence
 
@@ -19,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from stage1._core.constants import DEFAULT_MAX_PIXELS as MAX_PIXELS
 from stage1._core.errors import EnvironmentProblem, Stage1Error
 
+from .limits import MAX_BYTES
+
 #: Reason codes a ``BadImage`` may carry (stable: they appear in stores and ``info``).
 REASONS = (
     "missing",
@@ -28,6 +31,8 @@ REASONS = (
     "decompression bomb",
     "unreadable",
     "unsupported mode",
+    "not a regular file",
+    "too large",
 )
 
 #: Resize rule recorded in provenance: the whole image, squashed to size x size, bicubic.
@@ -60,22 +65,69 @@ def is_system_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in SYSTEM_ERRNOS
 
 
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """Read an image file's bytes, mapping missing / empty / unreadable files to ``BadImage``."""
+def read_bytes(path: str | os.PathLike[str], max_bytes: int | None = MAX_BYTES) -> bytes:
+    """Read an image file's bytes, mapping missing / empty / unreadable files to ``BadImage``.
+
+    Only a regular file is read: the file is opened non-blocking (a FIFO without a writer cannot
+    hang the open) and checked with ``fstat`` on the open descriptor before any read, so a FIFO,
+    socket or device is refused as ``"not a regular file"``. At most ``max_bytes`` are read (None: no
+    cap); a larger file is ``"too large"``.
+    """
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
         raise BadImage("missing", f"{path} does not exist") from None
     except IsADirectoryError:
         raise BadImage("unreadable", f"{path} is a directory") from None
     except OSError as exc:
-        if exc.errno in SYSTEM_ERRNOS:
-            raise SystemReadError(f"{path}: {exc.strerror or exc} (errno {errno.errorcode.get(exc.errno, exc.errno)})") from None
-        raise BadImage("unreadable", f"{path}: {exc.strerror or exc}") from None
+        raise _read_error(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise BadImage("unreadable", f"{path} is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImage("not a regular file", f"{path} is a {_file_kind(st.st_mode)}, not a regular file; "
+                                                  "only regular files are read")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise BadImage("too large", f"{path} is {st.st_size} bytes > limit {max_bytes} (--max-bytes)")
+        limit = -1 if max_bytes is None else max_bytes + 1
+        with open(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit)
+    except OSError as exc:
+        raise _read_error(path, exc) from None
+    finally:
+        os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:  # grew while being read
+        raise BadImage("too large", f"{path} is more than {max_bytes} bytes (--max-bytes)")
     if not data:
         raise BadImage("zero bytes", f"{path} is empty")
     return data
+
+
+def _read_error(path: str | os.PathLike[str], exc: OSError) -> Stage1Error:
+    """A failed open / read: the machine's fault (``SystemReadError``) or this file's (``BadImage``).
+
+    A special file that cannot even be opened (a socket gives ENXIO) is this file's fault, not the machine's.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        return BadImage("not a regular file", f"{path} is a {_file_kind(mode)}, not a regular file; "
+                                              "only regular files are read")
+    if exc.errno in SYSTEM_ERRNOS:
+        return SystemReadError(f"{path}: {exc.strerror or exc} (errno {errno.errorcode.get(exc.errno, exc.errno)})")
+    return BadImage("unreadable", f"{path}: {exc.strerror or exc}")
+
+
+def _file_kind(mode: int) -> str:
+    """A word for a non-regular file type (FIFO, socket, device)."""
+    for test, word in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return word
+    return "special file"
 
 
 def quarantine_reason(exc: Exception, name: str) -> tuple[str, str]:

@@ -144,17 +144,39 @@ def write_labels_csv(
 
 def list_images(images_dir: str | os.PathLike[str]) -> list[ImageEntry]:
     """Every image file under ``images_dir`` (sorted, unlabelled), for `extract` without --labels."""
+    return scan_images(images_dir)[0]
+
+
+def scan_images(images_dir: str | os.PathLike[str]) -> tuple[list[ImageEntry], list[str]]:
+    """(every image file under ``images_dir``, sorted and unlabelled; every other file, sorted).
+
+    The second list names what the scan skipped (files whose suffix is not one of ``IMAGE_SUFFIXES``,
+    e.g. a ``.heic``) so the caller can report it instead of dropping it silently.
+    """
     root = Path(images_dir)
-    found = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    found, skipped = [], []
+    for p in root.rglob("*"):
+        if p.is_dir():
+            continue
+        rel = p.relative_to(root).as_posix()
+        (found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES else skipped).append(rel)
+    found.sort()
+    skipped.sort()
     if not found:
-        raise LabelsError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}); check --images")
+        extra = f" ({len(skipped)} other files, e.g. {', '.join(skipped[:3])})" if skipped else ""
+        raise LabelsError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}){extra}; check --images")
     entries = [ImageEntry(p, -1) for p in found]
     confine_entries(root, entries, f"{root} (no --labels: every image under it)")
-    return entries
+    return entries, skipped
+
+
+def describe_skipped(skipped: Sequence[str], where: str, examples: int = 5,
+                     hint: str = "or list them with --labels to include them") -> str:
+    """One line naming how many files a folder scan skipped, and a few of them (``hint`` ends it)."""
+    shown = ", ".join(repr(s) for s in skipped[:examples])
+    more = f" and {len(skipped) - examples} more" if len(skipped) > examples else ""
+    return (f"{where}: skipped {len(skipped)} file(s) that are not {'/'.join(IMAGE_SUFFIXES)} by name: {shown}{more}; "
+            f"rename them (e.g. a .heic holding JPEG bytes to .jpg) {hint}".rstrip())
 
 
 def confine_entries(images_dir: str | os.PathLike[str], entries: Sequence[ImageEntry], source: str) -> None:

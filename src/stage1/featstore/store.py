@@ -9,6 +9,7 @@ in ``provenance``, the error classes in ``errors``; both are re-exported here.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from stage1._core.constants import DEFAULT_CHUNK_ROWS
 from stage1._core.constants import FEATURE_DTYPES as DTYPES
 from stage1._core.constants import STORE_SPLITS as SPLITS_NAME
 from stage1._core.errors import ConfigError
-from stage1._core.io import read_json, sha256_bytes, utc_timestamp
+from stage1._core.io import PARTIAL_SUFFIX, read_json, sha256_bytes, utc_timestamp
 
 from .chunks import RawChunkReader, raw_readable
 from .durability import LOCK_NAME, WriterLock, chunk_key, commit_attributes, fsync_chunks, sweep_partials
@@ -32,7 +33,7 @@ from .provenance import INFORMATIONAL_KEYS, check_provenance, provenance_differe
 __all__ = [
     "CHUNKS_ATTR", "DEFAULT_CHUNK_ROWS", "DTYPES", "INFORMATIONAL_KEYS", "LOCK_NAME", "ROW_ARRAYS",
     "SCHEMA_VERSION", "SPLITS_NAME", "NotDurable", "ProvenanceMismatch", "Store", "StoreBusy", "StoreError", "provenance_differences", "row_hashes",
-    "sweep_partials", "write_store",
+    "is_created", "sweep_partials", "unfinished_creation", "write_store",
 ]
 
 SCHEMA_VERSION = 1
@@ -70,9 +71,12 @@ class Store:
     def _array(self, name: str) -> zarr.Array:
         """A member array, cached (opening one re-reads its zarr.json)."""
         if name not in self._arrays:
-            arr = self.group[name]
             if self.mode == "r+":  # every chunk file is written, even all-fill ones, so a missing file is damage
-                arr = arr.with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
+                # (the array takes its config from zarr's global config when opened, in every zarr >= 3.0.8)
+                with zarr.config.set({"array.write_empty_chunks": True}):
+                    arr = self.group[name]
+            else:
+                arr = self.group[name]
             self._arrays[name] = arr  # type: ignore[assignment]
         return self._arrays[name]
 
@@ -87,6 +91,9 @@ class Store:
         root = Path(path)
         if not (root / "zarr.json").exists():
             raise StoreError(f"{root}: not a feature store (no zarr.json); run `extract` or `import-features` first")
+        if unfinished_creation(root):
+            raise StoreError(f"{root}: its creation was interrupted (no row was written); re-run `extract` "
+                             "with the same --out to start it again")
         if mode not in ("r", "r+"):
             raise ConfigError(f"mode must be 'r' or 'r+', not {mode!r}")
         lock = None
@@ -135,9 +142,17 @@ class Store:
             raise ConfigError("chunk_rows, views and dim must be >= 1 and n_rows >= 0")
         root = Path(path)
         if root.exists() and any(root.iterdir()):
-            raise StoreError(f"{root}: exists and is not empty; choose a new --out or delete it")
-        root.mkdir(parents=True, exist_ok=True)
-        lock = WriterLock(root)
+            if not unfinished_creation(root):
+                raise StoreError(f"{root}: exists and is not empty; choose a new --out or delete it")
+            lock = WriterLock(root)  # StoreBusy while its creator is still alive
+            try:
+                _clear_unfinished(root)
+            except BaseException:
+                lock.release()
+                raise
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            lock = WriterLock(root)
         try:
             group = zarr.open_group(str(root), mode="a", zarr_format=3)
             rows = max(n_rows, 1)
@@ -559,6 +574,48 @@ class Store:
             return None
         values, counts = np.unique(levels, return_counts=True)
         return {str(int(v)): int(c) for v, c in zip(values, counts)}
+
+
+#: Everything ``Store.create`` writes before its attributes (the last step) are in place.
+_CREATION_NAMES = frozenset({LOCK_NAME, "zarr.json", "features", "labels", "ids", "sha256", "split",
+                             "view_levels", "view_params"})
+
+
+def is_created(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` holds a store whose creation finished (zarr.json carries ``schema_version``)."""
+    meta = Path(path) / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("attributes"), dict) \
+        and "schema_version" in doc["attributes"]
+
+
+def unfinished_creation(path: str | os.PathLike[str]) -> bool:
+    """True for a folder a killed ``Store.create`` left: only its files, and no finished attributes.
+
+    Such a folder holds no committed row, so the next ``create`` may clear it and start again.
+    """
+    root = Path(path)
+    if not root.is_dir() or is_created(root):
+        return False
+    names = [p.name for p in root.iterdir()]
+    if not names or not all(n in _CREATION_NAMES or n.endswith(PARTIAL_SUFFIX) for n in names):
+        return False
+    # no chunk file anywhere: creation writes none, so not a single row can be lost by clearing it
+    return not any((root / n / "c").exists() for n in names if (root / n).is_dir())
+
+
+def _clear_unfinished(root: Path) -> None:
+    """Delete what an unfinished creation left (the lock file stays: we hold it)."""
+    for p in root.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def row_hashes(features: np.ndarray) -> list[str]:

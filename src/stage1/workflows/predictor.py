@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -17,19 +18,29 @@ from stage1.workflows.bundle import (IMGFOCUS_WEIGHTS_SHA256, BundleError, check
                                      verify_files)
 
 #: file extensions ``predict DIR`` picks up (case-insensitive).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from stage1.featstore.labels import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # noqa: E402 (one list of image suffixes)
 
 ImageInput = Any  # str | os.PathLike | PIL.Image.Image | bytes
 
 
 def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[str]:
-    """Files as given, folders expanded to their image files (recursive, sorted); order kept."""
+    """Files as given, folders expanded to their image files (recursive, sorted); order kept. Other
+    files in a folder are not silently dropped: stderr names how many and a few of them."""
+    from stage1.featstore.labels import describe_skipped
+
     out: list[str] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found, skipped = [], []
+            for f in sorted(p.rglob("*")):
+                if f.is_dir():
+                    continue
+                (found if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(str(f))
             out.extend(found)
+            if skipped:
+                sys.stderr.write("predict: " + describe_skipped([os.path.relpath(x, p) for x in skipped], str(p),
+                                                                hint="or pass them as files to include them") + "\n")
         else:
             out.append(str(p))
     return out

@@ -7,6 +7,8 @@ so the trials that become run dirs never depend on how an optuna release treats 
 from __future__ import annotations
 
 import csv
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,16 +170,58 @@ def write_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict
     does not void it; a ``delta`` is divided by ``certified_together`` (Bonferroni) because the
     exported runs share that part and a user may pick among them. An existing run dir of the same
     trial is kept as it is (a resumed sweep does not redo it).
+
+    The run is built in a hidden ``.<name>.*.partial`` folder beside ``run_dir`` and renamed into place
+    only when complete, so a sweep killed while writing leaves no half run dir; the next run removes
+    the stale temp folder and writes the run again.
     """
-    from stage1._core.io import read_json
+    import shutil
+    import tempfile
+
+    from stage1._core.io import PARTIAL_SUFFIX, read_json
     from stage1.runs import layout
-    from stage1.runs.steps import calibrate_run, evaluate_run, train_run
 
     cfg_path = run_dir / layout.CONFIG
     if cfg_path.is_file():
-        if read_json(cfg_path).get("sweep", {}).get("trial") == sweep["trial"]:
+        cfg = read_json(cfg_path)
+        if cfg.get("sweep", {}).get("trial") == sweep["trial"]:
             return run_dir
-        raise ExistsError(f"{run_dir}: holds another run; use another --out")
+        if not _unfinished_sweep_run(cfg, data, head):
+            raise ExistsError(f"{run_dir}: holds another run; use another --out")
+        sys.stderr.write(f"sweep: {run_dir} was left half-written by a killed sweep; writing it again\n")
+        shutil.rmtree(run_dir)
+    if run_dir.exists() and not any(run_dir.iterdir()):
+        run_dir.rmdir()  # an empty folder holds nothing
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.parent.glob(f".{run_dir.name}.*{PARTIAL_SUFFIX}"):  # left by a killed sweep
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", suffix=PARTIAL_SUFFIX, dir=run_dir.parent))
+    try:
+        _build_trial_run(data, work, head, head_params, policy, policy_params, seed, sweep, candidates,
+                         certified_together, train_views)
+        os.replace(work, run_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def _unfinished_sweep_run(cfg: dict[str, Any], data: SweepData, head: str) -> bool:
+    """True for a run dir an older sweep was killed writing: trained on this store with this head,
+    but the sweep never recorded its trial (``sweep`` is the last thing written)."""
+    if "sweep" in cfg or cfg.get("head") != head:
+        return False
+    stored = cfg.get("store", {}).get("path") if isinstance(cfg.get("store"), dict) else None
+    return stored is not None and stored == str(Path(data.store_path).resolve())
+
+
+def _build_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict[str, Any], policy: str,
+                     policy_params: dict[str, Any], seed: int, sweep: dict[str, Any], candidates: int,
+                     certified_together: int, train_views: bool) -> None:
+    """train -> calibrate -> evaluate into the (new, temporary) ``run_dir``, then record ``sweep``."""
+    from stage1.runs import layout
+    from stage1.runs.steps import calibrate_run, evaluate_run, train_run
+
     from stage1.policies.selection import DEFAULT_CERTIFY_FRACTION, PART_SEED, SelectionRecord
 
     pp = dict(policy_params)
@@ -197,4 +241,3 @@ def write_trial_run(data: SweepData, run_dir: Path, head: str, head_params: dict
     for split in ("val_select", "test"):
         evaluate_run(run_dir, split)
     layout.update_config(run_dir, sweep=sweep)
-    return run_dir
