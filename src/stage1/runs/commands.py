@@ -113,6 +113,18 @@ def _calibrate_option(flag: str, name: str, **kwargs: Any) -> Callable[[Callable
 
 
 # -- commands -------------------------------------------------------------------------------------------
+def _views_options(f: Any) -> Any:
+    """--views and --view-seed, shared by calibrate and evaluate (declared once)."""
+    f = click.option("--view-seed", type=int, default=None,
+                     help="Seed of the one-view-per-image draw (keyed on it and the store row). [default: 0; "
+                          "evaluate: the seed policy.json records]")(f)
+    return click.option("--views", type=click.Choice(("clean", "validator")), default="clean", show_default=True,
+                        help="clean: view 0 of each image. validator: one cached view per image, its distortion "
+                             "level drawn 0-3 at 0.25 each among the levels the image has (the subnet's mix), with "
+                             "per-level metrics (needs a run trained on a store extracted with --views N "
+                             "--view-recipe validator).")(f)
+
+
 @command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @lazy_help_option("--head", "head_name", required=True, help_fn=_names_help("Head name", "heads"))
@@ -155,13 +167,7 @@ def train(store: str, head_name: str, run: str, params: tuple[str, ...], quiet: 
 @declared_option("--score", find=_policy_param("score"), owners=_policy_names, extra_choices=("auto",),
                  default="auto", show_default=True,
                  extra_help="'auto': select for heads with a learned selector (gate, selectivenet), else p.")
-@click.option("--views", type=click.Choice(("clean", "validator")), default="clean", show_default=True,
-              help="clean: view 0 of each image. validator: one cached view per image, its distortion level "
-                   "drawn 0-3 at 0.25 each among the levels the image has (the subnet's mix), with per-level "
-                   "metrics (needs a run trained on a store extracted with --views N --view-recipe validator).")
-@click.option("--view-seed", type=int, default=None,
-              help="Seed of the one-view-per-image draw (keyed on it and the store row). [default: 0; evaluate: "
-                   "the seed policy.json records]")
+@_views_options
 @click.option("--per-level", is_flag=True,
               help="With --views validator: also certify one policy per level, each on one view of that level "
                    "per image; each level's guarantee holds for that level separately (reported in policy.json "
@@ -204,13 +210,7 @@ def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None,
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", type=click.Choice(SPLIT_NAMES), default="test", show_default=True,
               help="Split to evaluate on (test = the report; others go to RUN/eval_SPLIT/).")
-@click.option("--views", type=click.Choice(("clean", "validator")), default="clean", show_default=True,
-              help="clean: view 0 of each image. validator: one cached view per image, its distortion level "
-                   "drawn 0-3 at 0.25 each among the levels the image has (the subnet's mix), with per-level "
-                   "metrics (needs a run trained on a store extracted with --views N --view-recipe validator).")
-@click.option("--view-seed", type=int, default=None,
-              help="Seed of the one-view-per-image draw (keyed on it and the store row). [default: 0; evaluate: "
-                   "the seed policy.json records]")
+@_views_options
 def evaluate(run: str, split: str, views: str = "clean", view_seed: int | None = None) -> None:
     """Apply the run's policy to a split and write metrics.json, metrics.csv and PNG plots.
 
