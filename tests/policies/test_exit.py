@@ -176,8 +176,9 @@ def test_ltt_holm_and_fallback_definitions():
     p = softmax(cal["logits"], axis=1)[:, 1]
     s, yhat = np.maximum(p, 1 - p), (p >= 0.5).astype(int)
     kw = {"calibrator": None, "alpha": 0.05, "delta": 0.1, "eps": 0.1, "grid": 15}
-    holm = POLICIES.create("ltt", **kw)
-    assert holm.procedure() == "holm"  # auto: the selective error is not monotone along t0
+    assert POLICIES.create("ltt", **kw).procedure() == "fallback"  # auto: selective error is not monotone
+    holm = POLICIES.create("ltt", multiple_testing="holm", **kw)
+    assert holm.procedure() == "holm"
     pv = holm.pair_table(s, yhat, y)["p"]
     valid, _ = holm._valid(pv)
     flat = np.sort(pv.ravel())  # step-down: reject the k smallest while p_(i) <= delta / (m - i)

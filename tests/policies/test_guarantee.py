@@ -50,6 +50,10 @@ def test_not_certified_and_choose_part_fits_promise_nothing(scores) -> None:
     assert "not a guarantee" in guarantee_statement(chosen) and not is_guarantee_for(chosen, "fnr_exit")
     chosen["selection"] = SelectionRecord("holdout", 7, "certify", 0.5, 0, 2, "Pareto front").to_dict()
     assert "unseen by the choice" in guarantee_statement(chosen) and is_guarantee_for(chosen, "fnr_exit")
+    split = _fit("ltt", scores, alpha=0.05, delta=0.1 / 3)
+    split["selection"] = SelectionRecord("bonferroni", 3, "all", 0.5, 0, 3, "coverage").to_dict()
+    text = guarantee_statement(split)  # each of 3 candidates at delta / 3: the chosen one holds at 0.1
+    assert text.startswith("P(fnr_exit > 0.05) <= 0.1,") and "delta / 3 (Bonferroni)" in text
 
 
 def test_policy_files_written_before_bounds_were_recorded() -> None:

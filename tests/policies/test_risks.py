@@ -136,5 +136,5 @@ def test_ltt_procedure_and_crc_risks_come_from_the_flags():
 
     assert crc_risks() == [r.name for r in all_risks() if r.fixed_denominator and r.monotone] == ["miss_rate"]
     for r in all_risks():
-        expected = "fixed_sequence" if r.monotone else "holm"
+        expected = "fixed_sequence" if r.monotone else "fallback"
         assert POLICIES.create("ltt", risk=r.name).procedure() == expected

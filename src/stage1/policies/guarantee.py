@@ -83,6 +83,8 @@ def guarantee_statement(policy: Mapping[str, Any]) -> str:
     parts = []
     if pac:
         delta = float(params["delta"])
+        if sel is not None and sel.method == "bonferroni":  # each candidate at delta / K: the choice holds at delta
+            delta *= sel.delta_split
         # several PAC risks are certified jointly (intersection-union test per pair): one event
         joint = " or ".join(_event(r, params) for r in pac)
         parts.append(f"P({joint}) <= {delta:g}")
@@ -96,6 +98,6 @@ def guarantee_statement(policy: Mapping[str, Any]) -> str:
         text += "; not bounded: " + ", ".join(unbounded)
         if "selective_error" in unbounded and any(r in bounds for r in ("fnr_exit", "miss_rate")):
             text += " (false alarms, exits as 1 of y=0 images, are not limited)"
-    if sel is not None and sel.method == "holdout":
+    if sel is not None and sel.method in ("holdout", "bonferroni"):
         text += "; " + sel.statement()
     return text
