@@ -38,6 +38,14 @@ def _optimizer_help() -> str:
     return f"One of {', '.join(OPTIMIZERS.names())}. {OPTIMIZER_HELP}"
 
 
+def _common_job(kw: dict[str, Any]) -> dict[str, Any]:
+    """The ``pipeline.Common`` fields both jobs take from the shared options (``_runtime_options``)."""
+    return dict(images=kw["images"], backbone=kw["backbone"], out=kw["out"], image_size=kw["image_size"],
+                lora_rank=kw["lora_rank"], lora_alpha=kw["lora_alpha"], lora_dropout=kw["lora_dropout"],
+                levels=_levels(kw["aug_levels"]), device=kw["device"], amp=kw["amp"],
+                grad_checkpointing=kw["grad_checkpointing"], progress=True)
+
+
 def _runtime_options(f: Any) -> Any:
     options = [
         device_option(),
@@ -101,17 +109,14 @@ def finetune(**kw: Any) -> None:
     adapters and writes --out: config.json + model.safetensors (a valid --backbone for extract),
     preprocessor_config.json, provenance.json and head/ (the jointly trained head).
     """
-    from stage1.runs.commands import coerce_hparams, parse_params
+    from stage1.runs.commands import head_hparams, parse_params
 
     from .pipeline import FinetuneJob, run_finetune
     from .supervised import SupervisedConfig
 
     head_params = parse_params(kw["head_param"], "--head-param")
     if head_params:
-        from stage1.heads import HEADS
-
-        defaults = HEADS.get(kw["head_name"]).default_hparams()
-        head_params = coerce_hparams(head_params, defaults, kw["head_name"])
+        head_params = head_hparams(kw["head_name"], head_params)
 
     train = SupervisedConfig(
         epochs=kw["epochs"], lr=kw["lr"], head_lr=kw["head_lr"], weight_decay=kw["weight_decay"],
@@ -119,10 +124,7 @@ def finetune(**kw: Any) -> None:
         patience=kw["patience"], seed=kw["seed"], workers=kw["workers"],
     )
     job = FinetuneJob(
-        images=kw["images"], backbone=kw["backbone"], out=kw["out"], image_size=kw["image_size"],
-        lora_rank=kw["lora_rank"], lora_alpha=kw["lora_alpha"], lora_dropout=kw["lora_dropout"],
-        levels=_levels(kw["aug_levels"]), device=kw["device"], amp=kw["amp"],
-        grad_checkpointing=kw["grad_checkpointing"], progress=True, labels=kw["labels"],
+        **_common_job(kw), labels=kw["labels"],
         peft=kw["peft_method"], blocks=kw["blocks"], head=kw["head_name"],
         head_params=head_params, split_seed=kw["split_seed"], fractions=kw["fractions"],
         train=train,
@@ -185,10 +187,7 @@ def adapt(**kw: Any) -> None:
         ibot_weight=kw["ibot_weight"], seed=kw["seed"], workers=kw["workers"],
     )
     job = AdaptJob(
-        images=kw["images"], backbone=kw["backbone"], out=kw["out"], image_size=kw["image_size"],
-        lora_rank=kw["lora_rank"], lora_alpha=kw["lora_alpha"], lora_dropout=kw["lora_dropout"],
-        levels=_levels(kw["aug_levels"]), device=kw["device"], amp=kw["amp"],
-        grad_checkpointing=kw["grad_checkpointing"], progress=True, image_list=kw["image_list"],
+        **_common_job(kw), image_list=kw["image_list"],
         unfreeze=kw["unfreeze"], lora_on=kw["lora_on"], train_norms=kw["train_norms"], train=train,
     )
     record = run_adapt(job)

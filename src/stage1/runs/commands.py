@@ -46,11 +46,6 @@ def head_hparams(head: str, given: dict[str, Any]) -> dict[str, Any]:
     return HEADS.get(head).PARAMS.coerce(given, f"head {head!r}", "hyperparameter")
 
 
-def coerce_hparams(given: dict[str, Any], defaults: dict[str, Any] | None = None, head: str = "mlp") -> dict[str, Any]:
-    """Compatibility name of ``head_hparams(head, given)`` (``defaults`` is no longer needed)."""
-    return head_hparams(head, given)
-
-
 # -- option declarations --------------------------------------------------------------------------------
 #: head hyperparameters with an option of their own in ``train`` (the rest go through --param).
 TRAIN_OPTIONS: tuple[str, ...] = (
