@@ -49,11 +49,7 @@ def _level(risk: str, params: Mapping[str, Any]) -> float:
 def selection_record(policy: Mapping[str, Any]) -> SelectionRecord | None:
     """The ``selection`` record of a policy.json, if it has one."""
     sel = policy.get("selection")
-    if not isinstance(sel, Mapping):
-        return None
-    return SelectionRecord(str(sel.get("method", "none")), int(sel.get("candidates", 1)), str(sel.get("part", "all")),
-                           float(sel.get("certify_fraction", 0.5)), int(sel.get("seed", 0)),
-                           int(sel.get("delta_split", 1)), str(sel.get("chosen_by", "")))
+    return SelectionRecord.from_dict(sel) if isinstance(sel, Mapping) else None
 
 
 def is_guarantee_for(policy: Mapping[str, Any], risk: str) -> bool:

@@ -84,6 +84,13 @@ class SelectionRecord:
                 "certify_fraction": self.certify_fraction, "seed": self.seed,
                 "delta_split": self.delta_split, "chosen_by": self.chosen_by}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SelectionRecord":
+        """The record ``to_dict`` wrote (policy.json ``selection``); missing keys take their defaults."""
+        return cls(str(d.get("method", "none")), int(d.get("candidates", 1)), str(d.get("part", "all")),
+                   float(d.get("certify_fraction", DEFAULT_CERTIFY_FRACTION)), int(d.get("seed", PART_SEED)),
+                   int(d.get("delta_split", 1)), str(d.get("chosen_by", "")))
+
     @property
     def is_guarantee(self) -> bool:
         """False for a fit on the choose part (it served a comparison), and for a choice made with
