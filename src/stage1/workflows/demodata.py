@@ -103,7 +103,8 @@ def write_idx_images(idx_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     """Fashion-MNIST-style IDX files -> PNGs + labels.csv (train/t10k kept apart: t10k rows go to test)."""
     from PIL import Image
 
-    from stage1._core.io import atomic_path, atomic_write_text
+    from stage1._core.io import atomic_path
+    from stage1.featstore.labels import write_labels_csv
 
     found = find_idx(idx_dir)
     parts = [p for p in ("train", "t10k") if f"{p}-images" in found and f"{p}-labels" in found]
@@ -119,14 +120,11 @@ def write_idx_images(idx_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         split = "test" if part == "t10k" and "train" in parts else ""
         all_rows += [(f"{part}-{i:05d}.png", int(c in positive), split, imgs[i]) for i, c in enumerate(labs)]
     keep = subsample(np.array([r[1] for r in all_rows]), max_images, seed)
-    lines = ["path,label,split"]
     for i in keep:
-        name, label, split, pixels = all_rows[i]
+        name, _, _, pixels = all_rows[i]
         target = images_dir / name
         if not target.is_file():  # temp name + rename: never a half-written PNG (no fsync per file)
             with atomic_path(target, fsync=False) as tmp:
                 Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
-        lines.append(f"{name},{label},{split}")
-    csv = Path(out_dir) / "labels.csv"
-    atomic_write_text(csv, "\n".join(lines) + "\n")
+    csv = write_labels_csv(Path(out_dir) / "labels.csv", [all_rows[i][:3] for i in keep])
     return images_dir, csv
