@@ -100,6 +100,9 @@ def prepare_fmnist(out: Path, sizes: DrawSizes) -> dict[str, Path]:
     if all(p.exists() for p in csvs.values()):
         return csvs
     found = find_idx(FMNIST)
+    if not {"train-images", "train-labels", "t10k-images", "t10k-labels"} <= set(found):
+        raise SystemExit(f"{FMNIST}: Fashion-MNIST IDX files not found; install them with "
+                         "`apt-get install dataset-fashion-mnist`, or run with --only tracon")
     tr_x, tr_y = read_idx(found["train-images"]), read_idx(found["train-labels"])
     te_x, te_y = read_idx(found["t10k-images"]), read_idx(found["t10k-labels"])
     tr_h = [_pixel_hash(a) for a in tr_x]

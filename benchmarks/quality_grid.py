@@ -131,22 +131,145 @@ def within_target(policy: str, params: dict[str, Any], m: dict[str, Any]) -> boo
     return good
 
 
-def oracle_coverage_fnr_exit(run: Path, alpha: float = ALPHA) -> float:
-    """Diagnostic ceiling, NOT a policy: the largest test coverage any threshold pair on the raw p
-    reaches with test FNR_exit <= alpha, chosen with the test labels themselves."""
+def family_targets(fam: str) -> tuple[str, float, float | None]:
+    """(risk, alpha, eps) a risk family's policies target (``ltt_both``: fnr_exit 2% and selective error 2%)."""
+    if fam == "crc_miss_rate":
+        return "miss_rate", ALPHA, None
+    p = LTT[fam]
+    return p["risk"], p["alpha"], p.get("eps")
+
+
+def exit_ceiling(s: np.ndarray, yhat: np.ndarray, y: np.ndarray, risk: str, alpha: float,
+                 eps: float | None = None) -> float:
+    """Diagnostic ceiling, NOT a policy: the largest coverage any threshold pair on ``s`` reaches with
+    ``risk`` <= alpha (and selective error <= eps) measured with the labels ``y`` themselves.
+
+    The exit sets are the ones ltt searches (exit as 0 where yhat = 0 and s >= t0, exit as 1 where
+    yhat = 1 and s >= t1), over every distinct score value instead of ltt's grid, so no rule on the
+    same scores does better on these rows. A risk with nothing to count (no exited positive) is
+    within target, as ``within_target`` scores it.
+    """
+    from stage1.policies.risks import get_risk
+
+    s, yhat, y = (np.asarray(a) for a in (s, yhat, y))
+
+    def side(pred: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exits with y=1 and with y=0 among rows predicted ``pred``, per threshold (inf first, then descending)."""
+        m = yhat == pred
+        t = np.r_[np.inf, np.unique(s[m])[::-1]]
+        out = []
+        for c in (1, 0):
+            v = np.sort(s[m & (y == c)])
+            out.append(len(v) - np.searchsorted(v, t, side="left"))
+        return out[0], out[1]
+
+    miss, ok0 = side(0)
+    hit, fa = side(1)
+    miss, ok0, hit, fa = miss[:, None], ok0[:, None], hit[None, :], fa[None, :]
+    exited = {(1, 0): miss, (0, 0): ok0, (1, 1): hit, (0, 1): fa}
+    total = {(yc, pc): int(np.sum((y == yc) & (yhat == pc))) for yc, pc in exited}
+    events, trials = get_risk(risk).from_cells(exited, total)
+    exits = miss + ok0 + hit + fa
+    ok = (trials == 0) | (events <= alpha * trials + 1e-9)
+    if eps is not None:
+        ok &= (exits == 0) | ((miss + fa) <= eps * exits + 1e-9)
+    return float((np.where(ok, exits, 0)).max() / max(len(y), 1))
+
+
+def score_views(scores: dict[str, np.ndarray], score: str) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence the exit rule thresholds, predicted label): max-softmax or the learned selector.
+    The policies' calibrators (temperature here) are monotone, so the raw scores rank rows alike."""
     from scipy.special import softmax
 
+    p = softmax(np.asarray(scores["logits"], dtype=np.float64), axis=1)[:, 1]
+    yhat = (p >= 0.5).astype(np.int64)
+    conf = np.maximum(p, 1 - p) if score == "p" else np.asarray(scores["select"], dtype=np.float64)
+    return conf, yhat
+
+
+def ceiling_on_test(run: Path, score: str, fam: str) -> float:
+    """``exit_ceiling`` of one head run's test scores (``score`` "p" or "select") for a risk family."""
     from stage1.runs import layout
 
     s, y, _, _ = layout.split_scores(run, "test")
-    p = softmax(s["logits"].astype(np.float64), axis=1)[:, 1]
-    pos_exit1 = int(((p >= 0.5) & (y == 1)).sum())
-    best = float((p >= 0.5).mean())
-    for t in np.unique(p[p < 0.5]):
-        miss = int(((p <= t) & (y == 1)).sum())
-        if miss <= alpha * (pos_exit1 + miss):
-            best = max(best, float(((p >= 0.5) | (p <= t)).mean()))
-    return best
+    conf, yhat = score_views(s, score)
+    return exit_ceiling(conf, yhat, y, *family_targets(fam))
+
+
+#: How the product may choose a head x policy without voiding the certificate (see ``product_choice``).
+CHOICE_RULES = ("split_delta", "select_only")
+
+
+def product_choice(runs: dict[str, Path], fam: str, rule: str = "split_delta") -> dict[str, Any]:
+    """What the product itself would ship for one risk family, scored once on test.
+
+    Candidates: every new head (not the seed recipe) x every policy variant of the family. Rules:
+
+    * ``split_delta`` (the demo's, ``policies.selection.choose_split_delta``): each candidate's ltt is
+      certified on all of val_calib at delta / K, so whichever is chosen holds at delta; the choice
+      is the largest certified coverage on val_select, then the lowest val_select AUGRC.
+    * ``select_only``: each candidate's policy is fitted on val_select alone and ranked the same way
+      there; only the winner is certified, once, on all of val_calib at the full delta (the choice
+      never saw val_calib, so nothing is split).
+
+    Test is looked at once, for the winner. crc has no delta: ``split_delta`` is then unadjusted.
+    ``efficiency`` = the winner's certified test coverage / ``exit_ceiling`` on the winner's own
+    test scores (the test-label ceiling).
+    """
+    from stage1.policies import POLICIES
+    from stage1.policies import metrics as M
+    from stage1.policies.evaluate import evaluation_metrics
+    from stage1.runs import layout
+
+    cands = []
+    for name, run in runs.items():
+        if name.startswith("seed"):
+            continue
+        cfg = layout.read_config(run)
+        for pname, (policy, params) in policy_specs(name, bool(cfg["head_has_selector"])).items():
+            if family(pname) == fam:
+                cands.append((name, run, pname, policy, params))
+    k = len(cands)
+    has_delta = "delta" in cands[0][4]
+    tried = []
+    for name, run, pname, policy, params in cands:
+        vs_s, vs_y, _, _ = layout.split_scores(run, "val_select")
+        if rule == "split_delta":
+            cal_s, cal_y, _, _ = layout.split_scores(run, "val_calib")
+            pol = POLICIES.create(policy, **{**params, **({"delta": params["delta"] / k} if has_delta else {})})
+            pol.fit(cal_s, cal_y)
+        else:
+            pol = POLICIES.create(policy, **params).fit(vs_s, vs_y)
+        dv = pol.decide(vs_s)
+        conf, yhat = score_views(vs_s, params["score"])
+        tried.append({"head_run": name, "policy": pname, "certified": bool(pol.certified),
+                      "val_select_coverage": float(np.mean(dv.exit)) if pol.certified else 0.0,
+                      "val_select_augrc": M.augrc(conf, (yhat != vs_y).astype(np.int64)),
+                      "_pol": pol, "_run": run, "_params": params, "_policy": policy})
+    win = max(tried, key=lambda r: (r["certified"], r["val_select_coverage"], -r["val_select_augrc"]))
+    policy, params, pol = win["_policy"], win["_params"], win["_pol"]
+    if rule == "select_only":
+        cal_s, cal_y, _, _ = layout.split_scores(win["_run"], "val_calib")
+        pol = POLICIES.create(policy, **params).fit(cal_s, cal_y)
+    te_s, te_y, _, _ = layout.split_scores(win["_run"], "test")
+    m = evaluation_metrics(te_y, te_s, pol.decide(te_s))
+    cov = m["coverage"] if pol.certified else 0.0
+    ceiling = ceiling_on_test(win["_run"], params["score"], fam)
+    best_any = max(ceiling_on_test(r["_run"], r["_params"]["score"], fam) for r in tried)
+    how = {"split_delta": "bonferroni (delta / K on all of val_calib)" if has_delta else "unadjusted",
+           "select_only": "chosen on val_select alone; the winner certified once on all of val_calib at delta"}[rule]
+    return {
+        "rule": rule, "candidates": k, "selection": how,
+        "chosen_by": "val_select certified coverage, then val_select AUGRC",
+        "head_run": win["head_run"], "policy": win["policy"], "certified": bool(pol.certified),
+        "val_select_coverage": win["val_select_coverage"],
+        "certified_coverage": cov,
+        **{k2: m[k2] for k2 in ("fnr_exit", "selective_error", "miss_rate")},
+        "within_target": within_target(policy, params, m) if pol.certified else None,
+        "ceiling": ceiling, "efficiency": cov / ceiling if ceiling > 0 else None,
+        "ceiling_any_candidate": best_any,
+        "tried": [{k2: v for k2, v in r.items() if not k2.startswith("_")} for r in tried],
+    }
 
 
 def cli_roundtrip(run: Path) -> dict[str, Any]:
@@ -192,9 +315,8 @@ def head_metrics(run: Path) -> dict[str, Any]:
     return {"accuracy": float(1 - err.mean()), "augrc_select": M.augrc(s["select"].astype(np.float64), err),
             "augrc_maxp": M.augrc(np.maximum(p, 1 - p), err), "ece_by_calibrator": ece,
             "ece_best_calibrated": ece[best_cal], "best_calibrator": best_cal,
-            "oracle_test_coverage_fnr_exit": oracle_coverage_fnr_exit(run),
-            "oracle_test_coverage_selective_error": max(M.coverage_at_risk(np.maximum(p, 1 - p), err, ALPHA),
-                                                        M.coverage_at_risk(s["select"].astype(np.float64), err, ALPHA))}
+            **{f"ceiling_test_coverage_{fam}": max(ceiling_on_test(run, sc, fam) for sc in ("p", "select"))
+               for fam in (*LTT, "crc_miss_rate")}}
 
 
 def summarise(rows: list[dict[str, Any]], heads_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -238,6 +360,8 @@ def run_dataset(name: str, store: Path, runs_root: Path) -> dict[str, Any]:
         rows += evaluate_policies(run)
     heads_info = {n: head_metrics(r) for n, r in runs.items()}
     return {"rows": rows, "heads": heads_info, "summary": summarise(rows, heads_info),
+            "product_choice": {f"{fam}/{rule}": product_choice(runs, fam, rule)
+                               for fam in (*LTT, "crc_miss_rate") for rule in CHOICE_RULES},
             "cli_roundtrip_mlp": cli_roundtrip(runs["mlp"]),
             "training_seconds": {n: json.loads((r / "config.json").read_text())["training"]["seconds_fit"]
                                  for n, r in runs.items()}}
