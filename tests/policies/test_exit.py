@@ -24,6 +24,7 @@ PARAMS = {
     "crc": {"alpha": 0.05},
     "ltt": {"alpha": 0.05, "delta": 0.1},
     "scrc": {"alpha": 0.05, "xi": 0.6},
+    "reward": {"n_boot": 5, "n_orderings": 40, "n_rounds": 200},
 }
 
 

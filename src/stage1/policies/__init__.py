@@ -1,6 +1,6 @@
 """Calibrators, exit policies and selective metrics (numpy / scipy only; no torch).
 
-``POLICIES.create(name, **params)`` builds a policy (threshold, coverage, crc, ltt, scrc);
+``POLICIES.create(name, **params)`` builds a policy (threshold, coverage, crc, ltt, scrc, reward);
 ``policy.fit(scores, y)`` on val_calib; ``policy.decide(scores) -> Decision``;
 ``policy.to_dict()`` / ``policy_from_dict(d)`` round-trip through policy.json. Every policy and
 calibrator declares its parameters once (``PARAMS``); risks are objects in ``policies.risks.RISKS``.
@@ -42,6 +42,7 @@ from stage1.policies import risks as _risks  # noqa: E402,F401
 from stage1.policies import ltt as _ltt  # noqa: E402,F401
 from stage1.policies import rules as _rules  # noqa: E402,F401
 from stage1.policies import scrc_policy as _scrc  # noqa: E402,F401
+from stage1.policies import reward_policy as _reward  # noqa: E402,F401
 from stage1.policies.audit import audit  # noqa: E402
 from stage1.policies.base import SCHEMA_VERSION, ExitPolicy  # noqa: E402
 from stage1.policies.calibrators import CALIBRATORS  # noqa: E402

@@ -8,6 +8,13 @@ and ``s >= t1``, exit as 0 when the label is 0 and ``s >= t0`` (for ``score="p"`
 or ``p <= 1 - t0``). Deferred rows are AMBIGUOUS when ``|p - 0.5| <= ambiguous_band`` (the model
 cannot tell the classes apart: flag for review) and UNCERTAIN otherwise.
 
+Prior shift (``prior``, default None): the calibrated p holds at val_calib's positive rate pi_c; with a
+deployment rate pi it is Bayes-corrected on the odds, odds' = odds * (pi / (1 - pi)) / (pi_c / (1 - pi_c))
+(``calibrators.shift_prior``), before anything is thresholded. pi_c is recorded in the state
+(``calib_prior``), so policy.json, the bundle and ``predict`` apply the same shift; the fit summary adds
+the certification rows' metrics re-weighted to pi (``calib_at_prior``). A certificate still holds at
+val_calib's own mix: the shift moves the thresholds, not the distribution the guarantee is about.
+
 Certifying policies (crc, ltt) fit calibrators on a stratified ``calib_fraction`` of val_calib and
 certify thresholds on the rest, so the certificate does not reuse the calibrator's data; when they
 cannot certify anything they record why and ``decide`` defers every row.
@@ -26,7 +33,7 @@ from scipy.special import softmax
 from stage1._core.errors import ConfigError, DataError
 from stage1._core.io import json_safe
 from stage1._core.params import Param, Params
-from stage1.policies.calibrators import CALIBRATORS, Calibrator, calibrator_from_dict
+from stage1.policies.calibrators import CALIBRATORS, Calibrator, calibrator_from_dict, shift_prior
 from stage1.policies.decision import AMBIGUOUS, CONFIDENT_0, CONFIDENT_1, SET_01, UNCERTAIN, Decision
 
 SCHEMA_VERSION = 1
@@ -57,6 +64,9 @@ BASE_PARAMS = Params(
     Param("seed", int, 0, "Seed of the stratified calibrator / certification split of val_calib.", low=0),
     Param("ambiguous_band", float, 0.1, "Deferred rows with |p - 0.5| <= band are AMBIGUOUS (flag for review).",
           low=0.0, high=0.5),
+    Param("prior", float, None, "Deployment positive rate (the subnet: 0.5): Bayes-correct the calibrated p from "
+          "val_calib's positive rate to it, on the odds (None: no shift).", low=0.0, high=1.0, low_open=True,
+          high_open=True, optional=True),
 )
 
 
@@ -162,6 +172,8 @@ class ExitPolicy:
     def _reset(self) -> None:
         self.cal: Calibrator | None = None
         self.select_cal: Calibrator | None = None
+        #: val_calib's positive rate, the prior the calibrated p holds at (set by fit when ``prior`` is).
+        self.calib_prior: float | None = None
         self.t0 = math.inf
         self.t1 = math.inf
         self.certified = False
@@ -187,7 +199,10 @@ class ExitPolicy:
 
     # scoring -------------------------------------------------------------------------------
     def _p(self, logits: np.ndarray) -> np.ndarray:
-        return self.cal.p1(logits) if self.cal is not None else softmax(logits, axis=1)[:, 1]
+        p = self.cal.p1(logits) if self.cal is not None else softmax(logits, axis=1)[:, 1]
+        if self.prior is not None and self.calib_prior is not None:
+            p = shift_prior(p, self.calib_prior, self.prior)
+        return p
 
     def _s(self, p: np.ndarray, select: np.ndarray | None) -> np.ndarray:
         if self.score == "p":
@@ -214,6 +229,11 @@ class ExitPolicy:
         if len(yy) == 0:
             raise DataError("cannot fit a policy on zero calibration rows")
         self._reset()
+        if self.prior is not None:
+            self.calib_prior = float(yy.mean())
+            if not 0.0 < self.calib_prior < 1.0:
+                raise DataError(f"prior={self.prior:g} needs both classes in val_calib (its positive rate is "
+                                f"{self.calib_prior:g}, the rate the shift starts from); label more images")
         frac = self._fraction()
         if frac > 0:
             fit_idx, cert_idx = stratified_split(yy, frac, self.seed)
@@ -271,9 +291,19 @@ class ExitPolicy:
             "n_certify": int(len(cert_idx)),
             "n_pos_certify": int(yy[cert_idx].sum()),
             **{f"calib_{k}": v for k, v in selective_risks(yy[cert_idx], yhat[cert_idx], ex).items()},
+            **self._at_prior(yy[cert_idx], yhat[cert_idx], ex),
         }
         self.fitted = True
         return self
+
+    def _at_prior(self, y: np.ndarray, yhat: np.ndarray, ex: np.ndarray) -> dict[str, Any]:
+        """With ``prior``: the certification rows' selective metrics re-weighted to it (summary key
+        ``calib_at_prior``; ``policies.reward.metrics_at_prior``); nothing without a prior."""
+        if self.prior is None or y.min() == y.max():
+            return {}
+        from stage1.policies.reward import metrics_at_prior
+
+        return {"calib_at_prior": metrics_at_prior(y, yhat, ex, self.prior)}
 
     def _fit_thresholds(self, s: np.ndarray, yhat: np.ndarray, y: np.ndarray) -> None:
         """Set t0, t1, certified, reason, n_needed (and summary) from certification rows."""
@@ -315,6 +345,7 @@ class ExitPolicy:
                 "reason": self.reason,
                 "n_needed": self.n_needed,
                 "summary": json_safe(self.summary),
+                **({"calib_prior": self.calib_prior} if self.prior is not None else {}),
             },
         }
 
@@ -359,6 +390,12 @@ class ExitPolicy:
         if summary is not None and not isinstance(summary, dict):
             raise DataError(f"policy JSON: state.summary must be an object; {_REFIT}")
         self.summary = dict(summary or {})
+        if self.prior is not None:
+            cp = state.get("calib_prior")
+            if isinstance(cp, bool) or not isinstance(cp, (int, float)) or not 0.0 < cp < 1.0:
+                raise DataError(f"policy JSON: state.calib_prior={cp!r}: the prior parameter needs val_calib's "
+                                f"positive rate in (0, 1); {_REFIT}")
+            self.calib_prior = float(cp)
         self.fitted = True
 
     def __repr__(self) -> str:

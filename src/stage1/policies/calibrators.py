@@ -34,6 +34,7 @@ the constructor validates given values against it and ``params()`` returns them.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ from stage1._core.registry import Registry
 CALIBRATORS: Registry = Registry("calibrator")
 
 __all__ = ["CALIBRATORS", "Calibrator", "as_logits", "calibrator_from_dict", "platt_targets", "score_logit",
-           "state_number", "state_array"]
+           "shift_prior", "state_number", "state_array"]
 
 _REFIT = "re-run calibrate to regenerate policy.json"
 
@@ -119,6 +120,23 @@ def score_logit(s: np.ndarray, who: str = "platt") -> np.ndarray:
         )
     c = np.clip(a, SCORE_EPS, 1.0 - SCORE_EPS)
     return np.log(c) - np.log1p(-c)
+
+
+def shift_prior(p: np.ndarray, from_prior: float, to_prior: float) -> np.ndarray:
+    """Bayes correction of P(y=1) calibrated at positive rate ``from_prior`` to rate ``to_prior``.
+
+    The class-conditional score distributions stay; only the classes' shares change, so the odds
+    scale by the ratio of prior odds: odds' = odds * (pi / (1 - pi)) / (pi_c / (1 - pi_c)). Done on
+    the logit (p = 0 and p = 1 stay where they are); both priors must be in (0, 1).
+    """
+    for name, v in (("from_prior", from_prior), ("to_prior", to_prior)):
+        if not 0.0 < v < 1.0:
+            raise DataError(f"shift_prior: {name}={v}: expected a positive rate in (0, 1)")
+    a = np.asarray(p, dtype=np.float64)
+    shift = math.log(to_prior / (1.0 - to_prior)) - math.log(from_prior / (1.0 - from_prior))
+    with np.errstate(divide="ignore"):
+        z = np.log(a) - np.log1p(-a)
+    return expit(z + shift)
 
 
 def platt_targets(y: np.ndarray) -> np.ndarray:

@@ -59,12 +59,35 @@ def is_guarantee_for(policy: Mapping[str, Any], risk: str) -> bool:
     return bool(state.get("certified")) and risk in bounded_risks(policy) and (sel is None or sel.is_guarantee)
 
 
+def _reward_statement(policy: Mapping[str, Any]) -> str:
+    """The reward policy's sentence: an optimiser with no certificate; what its base's certificate covers."""
+    state = policy.get("state", {}) or {}
+    summary = state.get("summary", {}) or {}
+    text = ("no guarantee: reward is an optimiser of the simulated subnet reward, not a certificate; it answers "
+            "p or abstains (-1), and no risk of its answers is bounded")
+    if "gain" in summary:
+        text += (f" (expected reward per round on val_calib at prior {float(summary['prior']):g}: "
+                 f"{float(summary['reward_policy']):.4f} vs {float(summary['reward_always']):.4f} answering "
+                 "everything, in-sample)")
+    base = state.get("base")
+    if isinstance(base, Mapping):
+        if bounded_risks(base) and not (base.get("state", {}) or {}).get("certified"):
+            text += (f"; its base {base.get('policy')} certified nothing ({(base.get('state') or {}).get('reason')}), "
+                     "so the reward rule decides every image")
+        else:
+            text += (f"; its base {base.get('policy')} covers only the images the base exits, not the answers the "
+                     f"reward rule adds: {guarantee_statement(base)}")
+    return text
+
+
 def guarantee_statement(policy: Mapping[str, Any]) -> str:
     """One honest sentence: what is bounded (level, delta, kind, data), what is not, or why nothing is."""
     params = policy.get("params", {}) or {}
     state = policy.get("state", {}) or {}
     bounds = bounded_risks(policy)
     sel = selection_record(policy)
+    if policy.get("policy") == "reward":
+        return _reward_statement(policy)
     if not bounds:
         return f"no guarantee: {policy.get('policy')} is a rule without a certificate (it still exits)"
     if not state.get("certified"):

@@ -159,6 +159,7 @@ def train(store: str, head_name: str, run: str, params: tuple[str, ...], quiet: 
 @_calibrate_option("--calibrator", "calibrator", extra_choices=("none",),
                    extra_help="'none': no calibrator. [default: the policy's]")
 @_calibrate_option("--select-calibrator", "select_calibrator")
+@_calibrate_option("--prior", "prior")
 @declared_option("--score", find=_policy_param("score"), owners=_policy_names, extra_choices=("auto",),
                  default="auto", show_default=True,
                  extra_help="'auto': select for heads with a learned selector (gate, selectivenet), else p.")
@@ -171,7 +172,7 @@ def train(store: str, head_name: str, run: str, params: tuple[str, ...], quiet: 
 def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None, delta: float | None,
               eps: float | None, threshold: float | None, target_coverage: float | None, calibrator: str | None,
               score: str, select_calibrator: str | None, params: tuple[str, ...], views: str = "clean",
-              view_seed: int | None = None, per_level: bool = False) -> None:
+              view_seed: int | None = None, per_level: bool = False, prior: float | None = None) -> None:
     """Fit an exit policy on the run's val_calib scores (only there) and write policy.json.
 
     When nothing can be certified (val_calib too small for alpha / delta) the policy is still
@@ -182,7 +183,8 @@ def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None,
 
     given: dict[str, Any] = {
         k: v for k, v in dict(risk=risk, alpha=alpha, delta=delta, eps=eps, threshold=threshold,
-                              target_coverage=target_coverage, select_calibrator=select_calibrator).items()
+                              target_coverage=target_coverage, select_calibrator=select_calibrator,
+                              prior=prior).items()
         if v is not None
     }
     if calibrator is not None:

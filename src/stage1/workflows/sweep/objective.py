@@ -1,7 +1,11 @@
 """One trial: fit a head and an exit policy, score the two objectives, record the risk constraint.
 
-The objectives are certified coverage (maximised) and the selector's AUGRC on val_select
-(minimised). The risk target is a constraint ``risk - alpha <= 0``, recorded with the trial's other
+The objectives are a primary one, maximised, and the selector's AUGRC on val_select (minimised).
+The primary objective is certified coverage (the default) or ``reward``: the expected simulated
+subnet reward per round on val_select (``policies.reward.expected_reward`` of the policy's answers,
+p on exit and -1 on defer, at the policy's ``prior`` or the validators' 0.5). A study records a
+non-default primary objective in its objective facts (``objective["primary"]``), so a study is
+never resumed with the other one. Every trial also records its reward among its facts. The risk target is a constraint ``risk - alpha <= 0``, recorded with the trial's other
 facts in its ``result`` user attribute (``result["constraints"]``). That record is the one source
 of feasibility: ``feasible`` and the Pareto front read it, and the sampler learns it through
 ``constraint_values`` passed as the TPE sampler's ``constraints_func`` (optuna >= 3.0), which also
@@ -15,21 +19,57 @@ from typing import Any, Callable
 
 import numpy as np
 
-from stage1._core.errors import DataError
+from stage1._core.errors import ConfigError, DataError
 from stage1.workflows.space import SearchSpace
 
 from .data import SweepData
 
 DIRECTIONS = ("maximize", "minimize")
 OBJECTIVE_NAMES = ("certified_coverage", "augrc")
+#: the primary (maximised) objectives a sweep can choose; the first is the default.
+PRIMARY_OBJECTIVES = ("certified_coverage", "reward")
+#: streams and rounds of one trial's reward estimate (a few ms; the same streams for every trial).
+REWARD_SIM = {"n_orderings": 100, "n_rounds": 400}
 #: the user attribute holding a trial's facts, and its key holding {risk name: risk - alpha}.
 RESULT_ATTR = "result"
 CONSTRAINTS_KEY = "constraints"
 #: result facts kept per trial (trials.csv flattens them to attr.NAME).
-RESULT_FACTS = ("risk", "coverage", "accuracy", "certified", "reason", "n_needed")
+RESULT_FACTS = ("risk", "coverage", "accuracy", "certified", "reason", "n_needed", "reward")
 #: optuna's system-attribute prefix of ``Trial.set_constraint`` (optuna >= 5), read for studies this
 #: package wrote with it before constraints moved into ``result``.
 _OPTUNA_CONSTRAINT_PREFIX = "constraints:"
+
+
+def primary_objective(objective: dict[str, Any]) -> str:
+    """The primary objective of a space's objective facts (certified_coverage unless recorded)."""
+    return str(objective.get("primary", PRIMARY_OBJECTIVES[0]))
+
+
+def with_primary(objective: dict[str, Any], primary: str) -> dict[str, Any]:
+    """The objective facts with ``primary`` recorded (left out for the default, so older studies resume)."""
+    if primary not in PRIMARY_OBJECTIVES:
+        raise ConfigError(f"--objective {primary!r}: choose one of {', '.join(PRIMARY_OBJECTIVES)}")
+    out = {k: v for k, v in objective.items() if k != "primary"}
+    return out if primary == PRIMARY_OBJECTIVES[0] else {**out, "primary": primary}
+
+
+def objective_names(objective: dict[str, Any]) -> tuple[str, str]:
+    """The names of a trial's two values under these objective facts."""
+    return primary_objective(objective), OBJECTIVE_NAMES[1]
+
+
+def simulated_reward(policy: Any, scores: dict[str, np.ndarray], y: np.ndarray, seed: int) -> float:
+    """Expected reward per round of the policy's answers (p on exit, -1 on defer) on a labelled split,
+    at the policy's prior or the validators' 0.5; 0 when the split lacks a class (nothing to simulate)."""
+    from stage1.policies.reward import VALIDATOR_PRIOR, expected_reward
+
+    yy = np.asarray(y)
+    if len(yy) == 0 or yy.min() == yy.max():
+        return 0.0
+    d = policy.decide(scores)
+    answers = np.where(d.exit, d.p_roadwork, -1.0)
+    prior = getattr(policy, "prior", None) or VALIDATOR_PRIOR
+    return float(expected_reward(answers, yy, prior=prior, seed=seed, **REWARD_SIM).mean)
 
 
 def fit_trial(data: SweepData, head_name: str, head_params: dict[str, Any], policy_name: str,
@@ -83,11 +123,14 @@ def trial_metrics(data: SweepData, policy: Any, scores: dict[str, dict[str, np.n
         "certified": certified,
         "reason": str(policy.reason),
         "n_needed": policy.n_needed,
+        "reward": simulated_reward(policy, sel, data.y["val_select"], seed=0),
     }
 
 
 def make_objective(data: SweepData, space: SearchSpace, seed: int) -> Callable[[Any], tuple[float, float]]:
-    """The Optuna objective: suggest, fit, score; facts and the constraint go to one user attribute."""
+    """The Optuna objective: suggest, fit, score; facts and the constraint go to one user attribute.
+    Its first value is the space's primary objective (``primary_objective(space.objective)``)."""
+    primary = primary_objective(space.objective)
 
     def objective(trial: Any) -> tuple[float, float]:
         head, hp, pol, pp = space.suggest(trial)
@@ -97,7 +140,7 @@ def make_objective(data: SweepData, space: SearchSpace, seed: int) -> Callable[[
         # one attribute (one storage write) holding every fact and the constraint; trials.csv flattens it
         trial.set_user_attr(RESULT_ATTR, {**{k: m[k] for k in RESULT_FACTS},
                                           CONSTRAINTS_KEY: {space.objective["risk"]: m["constraint"]}})
-        return m["certified_coverage"], m["augrc"]
+        return m[primary], m["augrc"]
 
     return objective
 

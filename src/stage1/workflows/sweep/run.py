@@ -18,7 +18,7 @@ from stage1._core.errors import ConfigError
 from stage1.workflows.space import SearchSpace, resolve_space_path
 
 from .data import SweepData
-from .objective import make_objective
+from .objective import PRIMARY_OBJECTIVES, make_objective, with_primary
 from .report import SweepResult, write_outputs
 from .storage import check_resume, make_storage, open_study, redact_url
 
@@ -41,13 +41,15 @@ def _set_threads(threads: int) -> None:
 
 
 def run_worker(store: str, study_name: str, storage_url: str, space_path: str, n_trials: int,
-               seed: int, sampler_seed: int, threads: int, progress: bool = False) -> int:
+               seed: int, sampler_seed: int, threads: int, progress: bool = False,
+               objective: str = PRIMARY_OBJECTIVES[0]) -> int:
     """One worker: load the store once, then run ``n_trials`` trials into the shared study."""
     import optuna
 
     _set_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = SearchSpace.load(space_path)
+    space.objective = with_primary(space.objective, objective)
     data = SweepData.load(store)
     study = open_study(make_storage(storage_url), study_name, sampler_seed)
     optimize(study, make_objective(data, space, seed), n_trials, progress)
@@ -96,11 +98,12 @@ def _watch(processes: list[Any], study: Any, start: int, total: int) -> None:
 def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sqlite:///studies.db",
               trials: int = 20, space: str | os.PathLike[str] | None = None, workers: int = 1,
               out: str | os.PathLike[str] | None = None, seed: int = 0, top: int = 3,
-              threads: int | None = None, progress: bool = True) -> SweepResult:
+              threads: int | None = None, progress: bool = True, objective: str = PRIMARY_OBJECTIVES[0]) -> SweepResult:
     """Run (or resume) a sweep: ``trials`` more trials over ``workers`` processes, then write results.
 
     ``threads`` is torch's thread count in each worker (default 1: on small heads one thread per
-    process beats several threads, measured 5x under load). ``out`` receives trials.csv,
+    process beats several threads, measured 5x under load). ``objective`` is the primary (maximised)
+    objective: certified_coverage or reward (recorded in the study's objective facts). ``out`` receives trials.csv,
     summary.json, the Pareto / importance PNGs and run dirs of up to ``top`` Pareto-optimal
     feasible trials (``runs/trial-NNNNN``), each exportable with ``export``.
     """
@@ -116,6 +119,7 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space_path = resolve_space_path(space, study_name)
     sp = SearchSpace.load(space_path)
+    sp.objective = with_primary(sp.objective, objective)
     sp.check_names(HEADS.names(), POLICIES.names())
     data = SweepData.load(store)
     study = open_study(make_storage(storage), study_name, seed)
@@ -125,7 +129,8 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
     t0 = time.perf_counter()
     exit_codes: list[int] = []
     jobs = [dict(store=str(store), study_name=study_name, storage_url=storage, space_path=str(space_path),
-                 n_trials=n, seed=seed, sampler_seed=worker_seed(seed, n_before, i), threads=threads)
+                 n_trials=n, seed=seed, sampler_seed=worker_seed(seed, n_before, i), threads=threads,
+                 objective=objective)
             for i, n in enumerate(shares(trials, workers)) if n > 0]
     if workers == 1 and jobs:
         _set_threads(threads)
