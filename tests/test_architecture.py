@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "finetune": {"_core", "featstore", "heads", "policies", "runs"},
     "workflows": {"_core", "featstore", "heads", "policies", "runs"},
     "cli": {"_core"},
+    "miner": set(),  # the detector runs inside the subnet's environment: nothing from stage1
     "": {"cli"},  # stage1/__main__.py
 }
 #: the CLI edge: every package's commands.py may use the shared options and error mapping.

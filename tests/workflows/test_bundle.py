@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from stage1 import cli
 from conftest import make_backbone_dir, make_image
 
-PREDICT_KEYS = {"path", "p_roadwork", "decision", "label", "pred_set", "select_score", "level"}
+PREDICT_KEYS = {"path", "p_roadwork", "decision", "label", "pred_set", "select_score", "level", "answer"}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,7 @@ def test_predict_cli_streams_json_lines_and_reports_bad_images(bundle: Path, tra
         r = by_name[name]
         assert PREDICT_KEYS <= set(r) and r["p_roadwork"] == 0.5 and r["decision"] == "defer"
         assert r["label"] is None and r["pred_set"] == [0, 1] and r["level"] == "AMBIGUOUS"
+        assert r["answer"] == -1.0  # abstains: a 0.5 would be scored as class 0
     assert "5 image(s), 3 error(s)" in res.stderr
 
 
@@ -148,6 +149,7 @@ def test_p_roadwork_always_in_unit_interval(scale: float, seed: int, predictor) 
     feats[0] = np.nan  # a broken feature row gives an error record, not a crash or a NaN
     recs = pred.decide_features(feats)
     assert "error" in recs[0] and recs[0]["decision"] == "defer" and recs[0]["p_roadwork"] == 0.5
+    assert recs[0]["answer"] == -1.0
     for r in recs[1:]:
         assert 0.0 <= r["p_roadwork"] <= 1.0 and r["decision"] in ("exit", "defer")
 
@@ -311,9 +313,9 @@ def test_failed_records_keep_the_full_deferred_schema(predictor) -> None:
     rec = predictor.predict([b""])[0]
     assert rec == {"path": "<image 0>", "p_roadwork": 0.5, "decision": "defer", "label": None, "pred_set": [0, 1],
                    "select_score": None, "level": "AMBIGUOUS", "error": "zero bytes: <bytes> is empty",
-                   "reason": "zero bytes"}
+                   "reason": "zero bytes", "answer": -1.0}
     assert list(rec) == ["path", "p_roadwork", "decision", "label", "pred_set", "select_score", "level",
-                         "error", "reason"]
+                         "error", "reason", "answer"]
 
 
 @pytest.mark.parametrize("edit, needle", [

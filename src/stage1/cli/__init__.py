@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "stage1.workflows.commands:sweep",
     "export": "stage1.workflows.commands:export",
     "predict": "stage1.workflows.commands:predict",
+    "serve": "stage1.workflows.commands:serve",
     "demo": "stage1.workflows.commands:demo",
     "finetune": "stage1.finetune.commands:finetune",
     "adapt": "stage1.finetune.commands:adapt",

@@ -1,5 +1,8 @@
 """Deployable bundles: ``export RUN --out BUNDLE`` and the checks ``predict`` runs before trusting one.
 
+With ``--model-card`` the bundle folder also gets ``model_card.json``, the file the subnet's
+registration asks for in the published model repo (``build_model_card`` validates it).
+
 A bundle is a folder: ``bundle.json`` (schema version, backbone reference with its weights sha256
 and width, preprocessing, head config, policy, calibration facts, sha256 of every other file, and a
 sha256 of its own content), ``head.safetensors``, ``head.json`` and ``policy.json``. The backbone
@@ -179,10 +182,13 @@ def _check_loadable(run: Path, policy: dict[str, Any]) -> None:
         raise BundleError(f"{exc}; nothing exported") from None
 
 
-def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False) -> Path:
+def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False,
+                  model_card: dict[str, Any] | None = None) -> Path:
     """Write the bundle of ``run_dir`` to ``out`` (built in a temp folder, then renamed into place).
 
     Refuses an existing ``out`` unless ``force``; refuses a run without a head or a policy.
+    ``model_card`` (from ``build_model_card``) is written beside the bundle's files as
+    model_card.json, in the same atomic swap; it is not part of the hashed files.
     """
     from stage1._core.io import atomic_dir, atomic_write_json, sha256_file
 
@@ -201,6 +207,8 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         files = {name: sha256_file(work / name) for name in BUNDLE_FILES}
         atomic_write_json(work / BUNDLE_JSON, build_manifest(run, files))
         verify_files(work)
+        if model_card is not None:
+            write_model_card(work, model_card)
     return out
 
 
@@ -309,3 +317,55 @@ def check_backbone(manifest: dict[str, Any], weights_sha256: str, hidden_size: i
             raise BundleError(f"backbone {where} has config.json sha256 {config_sha256[:12]}..., the bundle was "
                               f"made with {str(recorded)[:12]}...: the same weights under another config compute "
                               "other features; pass --backbone with the config the bundle was made with")
+
+
+# -- the subnet's model card ------------------------------------------------------------------------------
+MODEL_CARD_JSON = "model_card.json"
+#: the fields the subnet's registration asks for (its docs/Mining.md), in that order.
+MODEL_CARD_FIELDS = ("model_name", "description", "version", "submitted_by", "submission_time")
+_SEMVER = r"[0-9]+\.[0-9]+\.[0-9]+"
+_SS58 = r"[1-9A-HJ-NP-Za-km-z]{46,48}"  # a hotkey address: base58 (no 0, O, I, l), 46-48 characters
+
+
+def build_model_card(model_name: str | None, description: str | None, version: str | None,
+                     submitted_by: str | None, submission_time: int | None = None) -> dict[str, Any]:
+    """The validated model_card.json content; a ConfigError naming the export option to fix.
+
+    version is X.Y.Z (a string), submitted_by the hotkey's SS58 address, submission_time a Unix
+    timestamp in seconds (default: now).
+    """
+    import re
+    import time
+
+    from stage1._core.errors import ConfigError
+
+    given = {"--model-name": model_name, "--description": description, "--model-version": version,
+             "--submitted-by": submitted_by}
+    missing = [opt for opt, value in given.items() if value is None or not str(value).strip()]
+    if missing:
+        raise ConfigError(f"--model-card needs {', '.join(missing)} (the subnet's model_card.json asks for "
+                          "model_name, description, version, submitted_by)")
+    model_name, description, version, submitted_by = (str(v) for v in given.values())
+    if len(model_name.strip()) > 128 or any(c in model_name for c in "\n\r\t"):
+        raise ConfigError(f"--model-name {model_name[:40]!r}...: one line of at most 128 characters")
+    if not re.fullmatch(_SEMVER, version.strip()):
+        raise ConfigError(f"--model-version {version!r}: use X.Y.Z (e.g. 1.0.0), as the subnet's model card asks")
+    if not re.fullmatch(_SS58, submitted_by.strip()):
+        raise ConfigError(f"--submitted-by {submitted_by!r}: expected your hotkey's SS58 address (46-48 base58 "
+                          "characters, e.g. 5F...); `btcli wallet overview` shows it")
+    now = int(time.time())
+    when = now if submission_time is None else int(submission_time)
+    if not 1_500_000_000 <= when <= now + 86_400:
+        raise ConfigError(f"--submission-time {when}: a Unix timestamp in seconds, not in the future "
+                          f"(now is {now}); leave it out to use now")
+    return {"model_name": model_name.strip(), "description": description.strip(), "version": version.strip(),
+            "submitted_by": submitted_by.strip(), "submission_time": when}
+
+
+def write_model_card(bundle: str | os.PathLike[str], card: dict[str, Any]) -> Path:
+    """Write ``card`` (from ``build_model_card``) as BUNDLE/model_card.json, atomically."""
+    from stage1._core.io import atomic_write_json
+
+    path = Path(bundle) / MODEL_CARD_JSON
+    atomic_write_json(path, {k: card[k] for k in MODEL_CARD_FIELDS})
+    return path

