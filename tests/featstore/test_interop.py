@@ -100,3 +100,80 @@ def test_import_refuses_bad_files(tmp_path: Path) -> None:
         f["labels"] = np.zeros(2)
     with pytest.raises(StoreError, match="must be a float array"):
         import_file(tmp_path / "f.h5", tmp_path / "o2")
+
+
+# -- the per-view arrays (view_levels, view_params) travel through export and import ----------------------
+def _with_views(path: Path):
+    rng = np.random.default_rng(3)
+    n, v = 9, 3
+    levels = rng.integers(-1, 4, (n, v)).astype(np.int8)
+    params = rng.normal(size=(n, v, 2)).astype(np.float32)
+    params[0, 0] = np.nan  # "not applicable" is NaN and must survive
+    st = write_store(path, rng.normal(size=(n, v, 4)).astype(np.float32), np.arange(n) % 2, chunk_rows=4,
+                     view_levels=levels, view_params=params, view_param_names=["angle", "scale"])
+    return st, levels, params
+
+
+@pytest.mark.parametrize("fmt", ["h5", "npy"])
+def test_view_arrays_round_trip(tmp_path: Path, fmt: str) -> None:
+    st, levels, params = _with_views(tmp_path / "src")
+    assert st.view_param_names == ["angle", "scale"]
+    res = CliRunner().invoke(export_features, [str(st.path), "--format", fmt])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(import_features, [str(tmp_path / f"src.{fmt}"), "--out", str(tmp_path / "back")])
+    assert res.exit_code == 0, res.output
+    back = featstore.open_store(tmp_path / "back")
+    np.testing.assert_array_equal(back.view_levels(), levels)
+    np.testing.assert_array_equal(back.view_params(), params)  # NaN where NaN
+    assert back.view_param_names == ["angle", "scale"]
+    assert back.info()["view_levels"] == st.info()["view_levels"]
+    same_content(st, back)
+
+
+def test_exported_view_arrays_are_plain(tmp_path: Path) -> None:
+    st, levels, params = _with_views(tmp_path / "src")
+    CliRunner().invoke(export_features, [str(st.path), "--format", "npy", "--out", str(tmp_path / "npy")])
+    assert np.load(tmp_path / "npy" / "view_levels.npy").tolist() == levels.tolist()
+    assert np.load(tmp_path / "npy" / "view_param_names.npy").tolist() == ["angle", "scale"]
+    CliRunner().invoke(export_features, [str(st.path), "--format", "h5", "--out", str(tmp_path / "f.h5")])
+    with h5py.File(tmp_path / "f.h5") as f:
+        np.testing.assert_array_equal(f["view_params"][()], params)
+        assert f["view_levels"].dtype == np.int8 and f.attrs["view_param_names"] == '["angle", "scale"]'
+
+
+def test_a_store_without_view_arrays_exports_none(store, tmp_path: Path) -> None:
+    CliRunner().invoke(export_features, [str(store.path), "--format", "npy", "--out", str(tmp_path / "npy")])
+    assert not list((tmp_path / "npy").glob("view_*"))
+    back = import_file(tmp_path / "npy", tmp_path / "back")
+    assert back.view_levels() is None and back.view_params() is None and back.view_param_names == []
+
+
+def test_an_extracted_stores_view_arrays_round_trip(image_folder: Path, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    from stage1.featstore.commands import extract
+    from stage1.featstore.views import PARAM_NAMES
+
+    res = CliRunner().invoke(extract, ["--images", str(image_folder), "--backbone", str(tiny_backbone_dir),
+                                       "--out", str(tmp_path / "s"), "--image-size", "32", "--views", "3",
+                                       "--workers", "0", "--quiet", "--labels", str(image_folder / "labels.csv")])
+    assert res.exit_code == 0, res.output
+    st = featstore.open_store(tmp_path / "s")
+    for fmt in ("h5", "npy"):
+        out = tmp_path / f"x.{fmt}"
+        assert CliRunner().invoke(export_features, [str(st.path), "--format", fmt, "--out", str(out)]).exit_code == 0
+        back = import_file(out, tmp_path / f"back_{fmt}")
+        np.testing.assert_array_equal(back.view_levels(), st.view_levels())
+        np.testing.assert_array_equal(back.view_params(), st.view_params())
+        assert back.view_param_names == list(PARAM_NAMES) == st.view_param_names
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"view_levels": np.zeros((4, 1), np.int8)}, "come together"),
+    ({"view_levels": np.full((4, 1), 7, np.int8), "view_params": np.zeros((4, 1, 1), np.float32),
+      "view_param_names": np.array(["a"])}, "view_levels must be integers in -1..3"),
+    ({"view_levels": np.zeros((4, 1), np.int8), "view_params": np.zeros((4, 1, 2), np.float32),
+      "view_param_names": np.array(["a"])}, "view_params must be floats of shape"),
+])
+def test_bad_view_arrays_are_refused_naming_the_file(tmp_path: Path, arrays, match: str) -> None:
+    np.savez(tmp_path / "f.npz", features=np.ones((4, 3), np.float32), labels=np.zeros(4), **arrays)
+    with pytest.raises(StoreError, match=rf"f\.npz: .*{match}"):
+        import_file(tmp_path / "f.npz", tmp_path / "st")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from stage1._core.errors import ConfigError, EnvironmentProblem, MissingError
+from stage1._core.errors import ConfigError, DataError, EnvironmentProblem, MissingError
 from stage1._core.io import sha256_file
 from stage1._core.registry import Registry
 
@@ -24,6 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Weight files, most preferred first.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+#: Weight files that are pickles: named only to be refused (never loaded).
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin",)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -62,20 +64,59 @@ class Backbone:
 BACKBONES: Registry[Backbone] = Registry("backbone")
 
 
+#: Longest safetensors JSON header accepted (the format's own readers cap it at 100 MB).
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def check_safetensors(path: Path) -> None:
+    """DataError unless ``path`` starts like a safetensors file (an 8-byte header length, then a JSON
+    object), read without unpickling anything: a pickle or a torch zip renamed to .safetensors is refused."""
+    fix = ("point --backbone at a folder saved with save_pretrained(..., safe_serialization=True); "
+           "stage1 never unpickles weights (a pickle file can run code)")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc}); {fix}") from None
+    kind = "a pickle" if head[:1] == b"\x80" else "a zip (torch.save) archive" if head[:2] == b"PK" else "not safetensors"
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) < 9 or not 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER) or head[8:9] != b"{":
+        raise DataError(f"{path}: not a safetensors file ({kind}); {fix}")
+
+
 def weights_sha256(folder: str | os.PathLike[str]) -> tuple[str, str]:
-    """(file name, sha256) of a HF folder's weights; for sharded weights, a hash over every shard's hash."""
+    """(file name, sha256) of a HF folder's weights; for sharded weights, a hash over every shard's hash.
+
+    Only safetensors weights are accepted: a pickle file (``pytorch_model.bin``, or any file that is
+    not safetensors inside) is refused with a DataError before anything loads it.
+    """
     folder = Path(folder)
     for name in WEIGHT_FILES:
         path = folder / name
         if not path.exists():
             continue
+        if name in PICKLE_WEIGHT_FILES:
+            raise DataError(f"{path}: a pickle weights file; stage1 never unpickles weights (a pickle can run "
+                            "code): convert it to model.safetensors (save_pretrained(..., safe_serialization=True) "
+                            "in an environment you trust) and point --backbone at that folder")
         if name.endswith(".index.json"):
-            index = json.loads(path.read_text(encoding="utf-8"))
-            shards = sorted(set(index.get("weight_map", {}).values()))
+            try:
+                index = json.loads(path.read_text(encoding="utf-8"))
+                shards = sorted(set(index["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise DataError(f"{path}: not a safetensors index (a JSON object with a 'weight_map'); "
+                                "save the model again with save_pretrained") from None
             h = hashlib.sha256()
             for shard in shards:
-                h.update(f"{shard}:{sha256_file(folder / shard)}\n".encode())
+                shard_path = folder / str(shard)
+                if not str(shard).endswith(".safetensors") or not shard_path.is_file():
+                    raise DataError(f"{path}: shard {shard!r} is not a .safetensors file in {folder}; "
+                                    "save the model again with save_pretrained(..., safe_serialization=True)")
+                check_safetensors(shard_path)
+                h.update(f"{shard}:{sha256_file(shard_path)}\n".encode())
             return name, h.hexdigest()
+        check_safetensors(path)
         return name, sha256_file(path)
     raise MissingError(
         f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}); point --backbone at a saved HF model folder"
@@ -122,7 +163,8 @@ class HFBackbone(Backbone):
         self.device = resolve_device(device)
         self.weights_file, self.weights_sha256 = weights_sha256(folder)
         self.config_sha256 = config_sha256(folder)
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        # safetensors only: transformers never falls back to a pickle file (weights_sha256 refused them)
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
         model.eval().requires_grad_(False)
         self.model = model.to(self.device, dtype=torch.float32)
         cfg = model.config

@@ -95,8 +95,8 @@ def extract(images, labels, backbone, out, batch_size, image_size, dtype, views,
 
 def _format_info(info: dict) -> str:
     prov = info["provenance"]
-    bb = prov.get("backbone", {})
-    pre = prov.get("preprocessing", {})
+    bb = prov.get("backbone") if isinstance(prov.get("backbone"), dict) else {}  # hand-edited: shown as absent
+    pre = prov.get("preprocessing") if isinstance(prov.get("preprocessing"), dict) else {}
     lines = [
         f"store        {info['path']}",
         f"rows         {info['rows']} committed of {info['listed']} listed" + ("" if info["complete"] else "  (incomplete: re-run extract to resume)"),
@@ -108,7 +108,7 @@ def _format_info(info: dict) -> str:
         lines.append(f"backbone     {bb.get('class')} hidden {bb.get('hidden_size')} patch {bb.get('patch_size')} "
                      f"({bb.get('precision')}) sha256 {str(bb.get('weights_sha256', ''))[:16]}...  {bb.get('path')}")
     if pre:
-        v = pre.get("views", {})
+        v = pre.get("views") if isinstance(pre.get("views"), dict) else {}
         lines.append(f"preprocess   {pre.get('size')} px {pre.get('resize')}, draft {pre.get('draft')}, "
                      f"views {v.get('n')} (levels {v.get('levels')}, seed {v.get('seed')}, {v.get('recipe')}), "
                      f"view 0 {pre.get('clean', 'squash')}")

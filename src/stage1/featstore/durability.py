@@ -43,8 +43,10 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     except OSError as exc:
         if not (is_dir and exc.errno in _DIR_FSYNC_UNSUPPORTED):
+            full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
             raise NotDurable(f"{path}: fsync failed ({exc.strerror or exc}); the rows were not committed, "
-                             "check the disk and re-run to resume") from exc
+                             + ("free space on that disk or pick another --out" if full else "check the disk")
+                             + " and re-run to resume") from exc
     finally:
         os.close(fd)
 

@@ -22,3 +22,7 @@ class StoreBusy(EnvironmentProblem):
 
 class NotDurable(EnvironmentProblem):
     """An fsync failed: written rows may not be on disk, so they are not committed."""
+
+
+class StoreDiskError(EnvironmentProblem):
+    """The disk holding a store is full or read-only: the rows written so far stay committed."""

@@ -24,6 +24,7 @@ from .labels import ImageEntry, confine_entries, describe_skipped, image_list_sh
 from .preprocessing import Preprocessing, ViewRecipe
 from .store import DEFAULT_CHUNK_ROWS, ProvenanceMismatch, Store, unfinished_creation
 from .preprocessing import CLEAN_RULES
+from .splits import CONFLICTS_SHOWN, label_conflicts, warn_label_conflicts  # noqa: F401 (re-exported)
 from .views import DEFAULT_RECIPE, LEVELS, PARAM_NAMES, VIEW_RECIPES, empty_params, view_recipe, view_seed
 from stage1._core.errors import ConfigError, DataError, EnvironmentProblem
 
@@ -184,6 +185,7 @@ def build_provenance(backbone: Backbone, cfg: ExtractConfig, entries: Sequence[I
         "max_pixels": int(cfg.max_pixels),
         "max_bytes": int(cfg.max_bytes),
         "images_root": str(Path(cfg.images).resolve()),
+        **({"labels_csv": str(Path(cfg.labels).resolve())} if cfg.labels else {}),
     }
 
 
@@ -320,30 +322,6 @@ def _run(cfg: ExtractConfig, backbone: Backbone | None) -> dict[str, Any]:
         return _extract_into(store, cfg, backbone, entries)
 
 
-#: How many conflicting-label pairs extract names on stderr (the count covers all).
-CONFLICTS_SHOWN = 10
-
-
-def label_conflicts(ids: Sequence[str], sha256: Sequence[str], labels: Sequence[int]) -> list[str]:
-    """One line per image content (sha256) stored under both label 0 and label 1, naming both rows.
-
-    Identical bytes cannot be both classes: one of the rows is mislabelled (unlabelled rows are ignored).
-    """
-    first: dict[str, dict[int, tuple[int, str]]] = {}
-    lines = []
-    for r, (i, h, lab) in enumerate(zip(ids, sha256, labels)):
-        lab = int(lab)
-        if lab not in (0, 1):
-            continue
-        seen = first.setdefault(str(h), {})
-        other = seen.get(1 - lab)
-        if other is not None and lab not in seen:
-            lines.append(f"identical images with conflicting labels: row {other[0]} ({other[1]!r}, label {1 - lab}) "
-                         f"and row {r} ({str(i)!r}, label {lab}) have sha256 {str(h)[:12]}; fix one label")
-        seen.setdefault(lab, (r, str(i)))
-    return lines
-
-
 def nothing_kept(cfg: ExtractConfig, n: int, quarantined: Sequence[dict[str, str]]) -> DataError:
     """The error of a run that kept no row: every listed image quarantined, with the commonest reason and a hint."""
     from collections import Counter
@@ -449,11 +427,7 @@ def _extract_into(store: Store, cfg: ExtractConfig, backbone: Backbone, entries:
     flush(n)
     store.finalize()
     conflicts = label_conflicts(store.ids, store.sha256, store.labels)
-    for line in conflicts[:CONFLICTS_SHOWN]:
-        sys.stderr.write(f"extract: warning: {line}\n")
-    if len(conflicts) > CONFLICTS_SHOWN:
-        sys.stderr.write(f"extract: warning: ... and {len(conflicts) - CONFLICTS_SHOWN} more identical images "
-                         "with conflicting labels\n")
+    warn_label_conflicts(conflicts, "extract")
     summary["label_conflicts"] = len(conflicts)
     seconds = time.perf_counter() - t0
     summary.update(

@@ -1,7 +1,9 @@
 """Interop with features cached by other scripts: export a store to HDF5 / .npy, import HDF5 / .npz.
 
 Exports stream chunk by chunk (no whole-store copy in RAM). Imports become ordinary stores whose
-provenance says ``kind: imported`` and names the source file and its sha256.
+provenance says ``kind: imported`` and names the source file and its sha256. A store's per-view
+``view_levels`` [N, V] and ``view_params`` [N, V, P] (with their ``view_param_names``) travel too
+when it has them (HDF5 datasets and an attribute; .npy files; .npz keys of the same names).
 """
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ from typing import Any
 import numpy as np
 
 from stage1._core.io import atomic_dir, atomic_path, atomic_write_json, sha256_file
-from .store import DEFAULT_CHUNK_ROWS, Store, StoreError, write_store
+from .store import (DEFAULT_CHUNK_ROWS, Store, StoreError, check_view_arrays, describe_rows, nonfinite_rows,
+                    write_store)
 from stage1._core.errors import ConfigError, DataError, ExistsError, MissingError
 
 FORMATS = ("h5", "npy")
+#: Per-view arrays exported and imported when a store has them (names of view_params' last axis alongside).
+VIEW_KEYS = ("view_levels", "view_params", "view_param_names")
 
 
 def default_export_path(store_path: str | os.PathLike[str], fmt: str) -> Path:
@@ -71,6 +76,11 @@ def _export_h5(store: Store, target: Path) -> None:
         f.create_dataset("labels", data=store.labels)
         f.create_dataset("ids", data=store.ids.astype(object), dtype=h5py.string_dtype("utf-8"))
         f.create_dataset("sha256", data=store.sha256.astype(object), dtype=h5py.string_dtype("utf-8"))
+        levels, params = store.view_levels(), store.view_params()
+        if levels is not None and params is not None:  # each view's validator level and parameters
+            f.create_dataset("view_levels", data=levels)
+            f.create_dataset("view_params", data=params)
+            f.attrs["view_param_names"] = json.dumps(store.view_param_names)
         f.attrs["provenance"] = json.dumps(store.provenance, sort_keys=True)
         f.attrs["source_store"] = str(store.path.resolve())
         f.attrs["schema_version"] = int(store.attrs.get("schema_version", 1))
@@ -93,6 +103,11 @@ def _export_npy(store: Store, target: Path) -> None:
         _save_npy(work / "labels.npy", store.labels)
         _save_npy(work / "ids.npy", store.ids)
         _save_npy(work / "sha256.npy", store.sha256)
+        levels, params = store.view_levels(), store.view_params()
+        if levels is not None and params is not None:  # each view's validator level and parameters
+            _save_npy(work / "view_levels.npy", levels)
+            _save_npy(work / "view_params.npy", params)
+            _save_npy(work / "view_param_names.npy", np.asarray(store.view_param_names, dtype=str))
         atomic_write_json(work / "provenance.json", store.provenance)
 
 
@@ -127,7 +142,7 @@ def read_features_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise StoreError(f"{p}: a folder must hold features.npy and labels.npy (as `export-features --format npy` writes)")
         out["format"] = "npy"
         arrays = {}
-        for key in ("features", "labels", "ids", "sha256"):
+        for key in ("features", "labels", "ids", "sha256", *VIEW_KEYS):
             f = p / f"{key}.npy"
             if f.exists():
                 arrays[key] = np.load(f, allow_pickle=False, mmap_mode="r" if key == "features" else None)
@@ -154,12 +169,17 @@ def read_features_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise StoreError(f"{where}: not a readable HDF5 file ({exc}); write it with h5py") from None
         with f:
             arrays = {}
-            for key in ("features", "labels", "ids", "sha256"):
+            for key in ("features", "labels", "ids", "sha256", *VIEW_KEYS):
                 if key in f:
                     ds = f[key]
                     arrays[key] = np.array(ds.asstr()[()].tolist(), dtype=str) if h5py.check_string_dtype(ds.dtype) else ds[()]
             if "provenance" in f.attrs:
                 out["provenance"] = json.loads(f.attrs["provenance"])
+            if "view_param_names" in f.attrs:
+                try:
+                    arrays["view_param_names"] = np.asarray(json.loads(f.attrs["view_param_names"]), dtype=str)
+                except ValueError:
+                    raise StoreError(f"{where}: attribute view_param_names is not a JSON list of names") from None
     else:
         raise StoreError(f"{where}: unknown format; use .h5/.hdf5, .npz, or a folder from `export-features --format npy`")
     for key in ("features", "labels"):
@@ -168,6 +188,9 @@ def read_features_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     feats = np.asarray(arrays["features"])
     if feats.ndim not in (2, 3) or feats.dtype.kind != "f":
         raise StoreError(f"{where}: 'features' must be a float array [N, D] or [N, V, D], got {feats.dtype} {feats.shape}")
+    if feats.shape[0] == 0 or 0 in feats.shape[1:]:
+        raise StoreError(f"{where}: 'features' has shape {feats.shape}: a store needs at least 1 row, 1 view and "
+                         "1 feature (D >= 1); export the features again")
     out["features"] = feats
     out["labels"] = _labels_from(arrays["labels"], where)
     if len(out["labels"]) != len(feats):
@@ -177,6 +200,10 @@ def read_features_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             out[key] = _strings_from(arrays[key], where, key)
             if len(out[key]) != len(feats):
                 raise StoreError(f"{where}: {len(out[key])} {key} for {len(feats)} feature rows")
+    names = _strings_from(arrays["view_param_names"], where, "view_param_names") if "view_param_names" in arrays else None
+    views = feats.shape[1] if feats.ndim == 3 else 1
+    out["view_levels"], out["view_params"], out["view_param_names"] = check_view_arrays(
+        arrays.get("view_levels"), arrays.get("view_params"), names, len(feats), views, where)
     return out
 
 
@@ -208,6 +235,10 @@ def import_features(
     data = read_features_file(src)
     if dtype is None:
         dtype = str(data["features"].dtype) if str(data["features"].dtype) in ("float16", "float32") else "float32"
+    bad = nonfinite_rows(data["features"])
+    if bad.size:
+        raise DataError(f"{src}: features must be finite; {describe_rows(bad)} hold NaN or infinite values; "
+                        "fix or drop those rows before importing")
     check_fits_dtype(data["features"], dtype, str(src))
     source_sha = sha256_file(src / "features.npy") if src.is_dir() else sha256_file(src)
     provenance: dict[str, Any] = {
@@ -223,5 +254,6 @@ def import_features(
         raise StoreError(f"{out}: exists and is not empty; choose a new --out")
     return write_store(
         out, np.asarray(data["features"]), data["labels"], data["ids"], data["sha256"], provenance,
-        dtype=dtype, chunk_rows=chunk_rows,
+        dtype=dtype, chunk_rows=chunk_rows, view_levels=data["view_levels"], view_params=data["view_params"],
+        view_param_names=data["view_param_names"],
     )

@@ -12,7 +12,7 @@ import hashlib
 import io
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,11 +32,13 @@ class LabelsError(DataError):
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """One listed image: path relative to the images folder, label (-1 = unlabelled), split ('' = any)."""
+    """One listed image: path relative to the images folder, label (-1 = unlabelled), split ('' = any);
+    ``line``: its line in the labels CSV (0 = not from a CSV), for messages only (not compared)."""
 
     path: str
     label: int
     split: str = ""
+    line: int = field(default=0, compare=False)
 
 
 def _clean_path(raw: str, where: str) -> str:
@@ -91,6 +93,9 @@ def parse_labels_csv(csv_path: str | os.PathLike[str]) -> tuple[list[ImageEntry]
         columns = {name: header.index(name) for name in ("path", "label", "split") if name in header}
         has_split = "split" in columns
         start = first + 1  # type: ignore[operator]
+    elif first is not None and _looks_like_header(rows[first]):
+        raise LabelsError(f"{csv_path} line {first + 1}: header {rows[first]!r} is not recognised; name the columns "
+                          "path,label (and optionally split), or remove the header line")
     for i in range(start, len(rows)):
         row = rows[i]
         where = f"{csv_path} line {i + 1}"
@@ -112,10 +117,20 @@ def parse_labels_csv(csv_path: str | os.PathLike[str]) -> tuple[list[ImageEntry]
         if path in seen:
             raise LabelsError(f"{where}: duplicate of line {seen[path]} ({path}); list each image once")
         seen[path] = i + 1
-        entries.append(ImageEntry(path, label, split))
+        entries.append(ImageEntry(path, label, split, line=i + 1))
     if not entries:
         raise LabelsError(f"{csv_path}: no image rows; expected lines of path,label")
     return entries, has_split
+
+
+def _looks_like_header(row: Sequence[str]) -> bool:
+    """True for a first row that names columns this reader does not know (``filename,target``): its
+    label cell is a word, not a label, and its path cell does not name an image file."""
+    if len(row) < 2:
+        return False
+    path, label = row[0].strip(), row[1].strip()
+    return (label not in ("", "0", "1") and label.replace("_", "").isalpha()
+            and not path.lower().endswith(IMAGE_SUFFIXES))
 
 
 def write_labels_csv(

@@ -12,7 +12,7 @@ from typing import Any
 from .errors import ProvenanceMismatch
 
 #: Provenance keys that describe where something lives, not what it is: never compared on resume.
-INFORMATIONAL_KEYS = ("backbone.path", "images_root", "source_path")
+INFORMATIONAL_KEYS = ("backbone.path", "images_root", "source_path", "labels_csv")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

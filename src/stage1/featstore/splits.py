@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -65,12 +66,15 @@ def make_splits(
     seed: int = 0,
     fractions: Mapping[str, float] | Sequence[float] | str | None = None,
     split_column: Sequence[str] | np.ndarray | None = None,
+    describe: Callable[[int], str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Row indices (sorted int64) per split name; stratified by label, grouped by content hash.
 
     ``split_column`` (e.g. from the labels CSV) forces rows into a named split ('' = free); a group of
     identical images given two different splits is refused, since it would leak across them.
+    ``describe`` names a row in messages (e.g. its labels-CSV line and path; default ``row N``).
     """
+    name_row = describe or (lambda r: f"row {r}")
     y = np.asarray(labels).astype(np.int64).reshape(-1)
     sha = np.asarray(sha256).astype(str).reshape(-1)
     if y.shape != sha.shape:
@@ -81,6 +85,7 @@ def make_splits(
     uniq, group_of = np.unique(sha, return_inverse=True)
     n_groups = len(uniq)
     forced = np.full(n_groups, -1, dtype=np.int64)
+    forced_by = np.full(n_groups, -1, dtype=np.int64)  # the row that forced each group's split
     if split_column is not None:
         col = np.asarray(split_column).astype(str).reshape(-1)
         if col.shape != y.shape:
@@ -88,15 +93,17 @@ def make_splits(
         for row in np.flatnonzero(col != ""):
             name = col[row]
             if name not in SPLIT_NAMES:
-                raise SplitError(f"row {row}: split {name!r} is not one of {', '.join(SPLIT_NAMES)}")
+                raise SplitError(f"{name_row(int(row))}: split {name!r} is not one of {', '.join(SPLIT_NAMES)}")
             k = SPLIT_NAMES.index(name)
             g = group_of[row]
             if forced[g] not in (-1, k):
                 raise SplitError(
-                    f"row {row}: identical image (sha256 {sha[row][:12]}...) is assigned to both "
-                    f"{SPLIT_NAMES[forced[g]]} and {name}; give identical images one split"
+                    f"{name_row(int(forced_by[g]))} and {name_row(int(row))}: the same identical image (sha256 "
+                    f"{sha[row][:12]}...) is assigned to both {SPLIT_NAMES[forced[g]]} and {name}, which would leak "
+                    "between them; give identical images one split in the labels CSV (then extract to a new --out)"
                 )
             forced[g] = k
+            forced_by[g] = row
     sizes = np.bincount(group_of, minlength=n_groups)
     lo = np.full(n_groups, 2, dtype=np.int64)
     hi = np.full(n_groups, -2, dtype=np.int64)
@@ -133,31 +140,135 @@ def split_counts(labels: np.ndarray, splits: Mapping[str, np.ndarray]) -> dict[s
     return out
 
 
+#: How many conflicting-label pairs are named on stderr (the count covers all).
+CONFLICTS_SHOWN = 10
+
+
+def label_conflicts(ids: Sequence[str], sha256: Sequence[str], labels: Sequence[int]) -> list[str]:
+    """One line per image content (sha256) stored under both label 0 and label 1, naming both rows.
+
+    Identical bytes cannot be both classes: one of the rows is mislabelled (unlabelled rows are ignored).
+    """
+    first: dict[str, dict[int, tuple[int, str]]] = {}
+    lines = []
+    for r, (i, h, lab) in enumerate(zip(ids, sha256, labels)):
+        lab = int(lab)
+        if lab not in (0, 1):
+            continue
+        seen = first.setdefault(str(h), {})
+        other = seen.get(1 - lab)
+        if other is not None and lab not in seen:
+            lines.append(f"identical images with conflicting labels: row {other[0]} ({other[1]!r}, label {1 - lab}) "
+                         f"and row {r} ({str(i)!r}, label {lab}) have sha256 {str(h)[:12]}; fix one label")
+        seen.setdefault(lab, (r, str(i)))
+    return lines
+
+
+def warn_label_conflicts(lines: Sequence[str], who: str) -> None:
+    """Write up to ``CONFLICTS_SHOWN`` of ``label_conflicts``' lines to stderr, then how many there are."""
+    for line in lines[:CONFLICTS_SHOWN]:
+        sys.stderr.write(f"{who}: warning: {line}\n")
+    if len(lines) > CONFLICTS_SHOWN:
+        sys.stderr.write(f"{who}: warning: ... and {len(lines) - CONFLICTS_SHOWN} more identical images with "
+                         "conflicting labels\n")
+    if lines:
+        sys.stderr.write(f"{who}: warning: {len(lines)} identical image(s) with conflicting labels in all; each "
+                         "group stays in one split, but one label of each is wrong: fix the labels CSV\n")
+
+
+def store_fingerprint(store: Any) -> str:
+    """sha256 over what a split was made from: the committed rows' labels, ids, content hashes and
+    split column, and the recorded checksum of every committed chunk file (so changed features count
+    too). ``runs.steps.check_splits_current`` compares it with the one splits.json records."""
+    from .store import CHUNKS_ATTR
+
+    h = hashlib.sha256(f"rows={store.rows}\n".encode())
+    h.update(np.ascontiguousarray(store.labels, dtype=np.int8).tobytes())
+    for name, values in (("ids", store.ids), ("sha256", store.sha256), ("split", store.split_column)):
+        if values is not None:
+            h.update(f"\n{name}\n".encode())
+            h.update("\x00".join(str(v) for v in values.tolist()).encode("utf-8", "surrogatepass"))
+    records = store.attrs.get(CHUNKS_ATTR)
+    if isinstance(records, dict):
+        h.update(b"\nchunks\n")
+        for key in sorted(records, key=lambda k: int(k) if str(k).isdigit() else -1):
+            files = records[key].get("files", {}) if isinstance(records[key], dict) else {}
+            for name in sorted(files):
+                h.update(f"{key}:{name}:{files[name][-1]}\n".encode())
+    return h.hexdigest()
+
+
+def _row_namer(store: Any) -> Callable[[int], str]:
+    """Names a store row in messages: its labels-CSV path and line when the store records the CSV and
+    the file still lists exactly the store's images, else the store row and its image path. The CSV
+    is read on the first call only (messages are rare; a split must not re-read a large CSV)."""
+    from .labels import LabelsError, image_list_sha256, parse_labels_csv
+
+    csv_path = store.provenance.get("labels_csv")
+    cache: dict[str, Any] = {}
+
+    def lines() -> dict[str, int]:
+        if "lines" not in cache:
+            cache["lines"], cache["ids"] = {}, store.ids
+            if isinstance(csv_path, str) and Path(csv_path).is_file():
+                try:
+                    entries, _ = parse_labels_csv(csv_path)
+                except LabelsError:
+                    entries = []
+                if entries and image_list_sha256(entries) == store.provenance.get("image_list_sha256"):
+                    cache["lines"] = {e.path: e.line for e in entries}
+        return cache["lines"]
+
+    def name(row: int) -> str:
+        found = lines()
+        path = str(cache["ids"][row])
+        line = found.get(path)
+        return f"{csv_path} line {line} ({path!r})" if line else f"{store.path} row {row} ({path!r})"
+
+    return name
+
+
 def write_splits(
     store_path: str | os.PathLike[str],
     seed: int = 0,
     fractions: Mapping[str, float] | Sequence[float] | str | None = None,
 ) -> dict[str, Any]:
-    """Make splits for a store and write STORE/splits.json (seed, fractions, counts, rows); returns it."""
+    """Make splits for a store and write STORE/splits.json (seed, fractions, counts, rows); returns it.
+
+    splits.json also records the store it was made from (rows, n_committed, complete, image list hash,
+    ``store_fingerprint``) so a later train refuses it once the store changed. Identical images with
+    conflicting labels are named on stderr (and counted under ``label_conflicts``).
+    """
     from .store import Store
 
     store = Store.open(store_path)
     fr = parse_fractions(fractions)
     labels = store.labels
-    splits = make_splits(labels, store.sha256, seed=seed, fractions=fr, split_column=store.split_column)
+    splits = make_splits(labels, store.sha256, seed=seed, fractions=fr, split_column=store.split_column,
+                         describe=_row_namer(store))
+    conflicts = label_conflicts(store.ids, store.sha256, labels)
+    warn_label_conflicts(conflicts, "split")
     payload = {
         "schema_version": SCHEMA_VERSION,
         "seed": int(seed),
         "fractions": fr,
         "counts": split_counts(labels, splits),
         "rows": {name: splits[name].tolist() for name in SPLIT_NAMES},
+        "label_conflicts": len(conflicts),
         "store": {
             "path": str(Path(store_path).resolve()),
             "rows": store.rows,
+            "n_committed": store.rows,
+            "complete": store.complete,
+            "fingerprint": store_fingerprint(store),
             "image_list_sha256": store.provenance.get("image_list_sha256", ""),
             "split_column": store.split_column is not None,
         },
     }
+    if not store.complete:
+        sys.stderr.write(f"split: warning: {store_path} is not complete ({store.rows} rows committed of "
+                         f"{store.attrs.get('n_listed', '?')} listed): re-run `stage1 split` once extraction "
+                         "finishes (train refuses this split after the store grows)\n")
     atomic_write_json(Path(store_path) / SPLITS_FILE, payload)
     return payload
 

@@ -9,17 +9,19 @@ in ``provenance``, the error classes in ``errors``; both are re-exported here.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import zarr
 
 from stage1 import __version__
-from stage1._core.constants import DEFAULT_CHUNK_ROWS
+from stage1._core.constants import DEFAULT_CHUNK_ROWS, VIEW_LEVELS
 from stage1._core.constants import FEATURE_DTYPES as DTYPES
 from stage1._core.constants import STORE_SPLITS as SPLITS_NAME
 from stage1._core.errors import ConfigError
@@ -27,7 +29,7 @@ from stage1._core.io import PARTIAL_SUFFIX, read_json, sha256_bytes, utc_timesta
 
 from .chunks import RawChunkReader, raw_readable
 from .durability import LOCK_NAME, WriterLock, chunk_key, commit_attributes, fsync_chunks, sweep_partials
-from .errors import NotDurable, ProvenanceMismatch, StoreBusy, StoreError
+from .errors import NotDurable, ProvenanceMismatch, StoreBusy, StoreDiskError, StoreError
 from .provenance import INFORMATIONAL_KEYS, check_provenance, provenance_differences
 
 __all__ = [
@@ -41,6 +43,9 @@ SCHEMA_VERSION = 1
 #: The attribute recording each committed row-chunk: {"<index>": {"rows": n, "files": {array: [bytes, sha256]}}}.
 #: Stores written before it existed (0.1.0) lack it; they get a presence and size check of `features` only.
 CHUNKS_ATTR = "chunk_files"
+
+#: errno values of a disk that cannot take the store's writes: full (ENOSPC, EDQUOT) or read-only (EROFS).
+DISK_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name))
 
 #: The arrays with one entry per row (all chunked along rows only).
 ROW_ARRAYS = ("features", "labels", "ids", "sha256", "split", "view_levels", "view_params")
@@ -80,6 +85,18 @@ class Store:
             self._arrays[name] = arr  # type: ignore[assignment]
         return self._arrays[name]
 
+    def _open_arrays(self) -> None:
+        """Open every row array once, turning zarr's metadata errors (a hand-edited array zarr.json:
+        a bad shape, data type or chunk grid) into one StoreError naming the file."""
+        for name in ROW_ARRAYS:
+            try:
+                if name in self.group:
+                    self._array(name)
+            except Exception as exc:  # zarr raises TypeError, ValueError and its own errors alike here
+                raise StoreError(f"{self.path / name / 'zarr.json'}: zarr cannot read this array's metadata "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the store "
+                                 "is damaged: restore it from a backup or re-extract") from None
+
     def has_array(self, name: str) -> bool:
         """True when the group holds array ``name`` (``split`` is optional)."""
         return name in self._arrays or name in self.group
@@ -96,20 +113,23 @@ class Store:
                              "with the same --out to start it again")
         if mode not in ("r", "r+"):
             raise ConfigError(f"mode must be 'r' or 'r+', not {mode!r}")
+        check_metadata(root)
         lock = None
         if mode == "r+":
             lock = WriterLock(root)
             sweep_partials(root)
         try:
-            group = zarr.open_group(str(root), mode="r" if mode == "r" else "r+", zarr_format=3)
+            group = _open_group(root, mode)
             attrs = dict(group.attrs)
+            check_attributes(root, attrs)
             version = attrs.get("schema_version")
-            if version != SCHEMA_VERSION or "features" not in group:
+            if version != SCHEMA_VERSION or not (root / "features" / "zarr.json").is_file():
                 raise StoreError(
                     f"{root}: schema_version {version!r} is not {SCHEMA_VERSION} or arrays are missing; "
                     "re-extract or re-import it with this version"
                 )
             store = cls(root, group, mode, lock)
+            store._open_arrays()
             store.check_integrity()
         except BaseException:
             if lock:
@@ -154,47 +174,56 @@ class Store:
             root.mkdir(parents=True, exist_ok=True)
             lock = WriterLock(root)
         try:
-            group = zarr.open_group(str(root), mode="a", zarr_format=3)
-            rows = max(n_rows, 1)
-            chunk = min(chunk_rows, rows) if n_rows else chunk_rows
-            group.create_array(
-                "features", shape=(n_rows, views, dim), chunks=(chunk, views, dim), dtype=dtype,
-                compressors=None, fill_value=0,
-            )
-            group.create_array("labels", shape=(n_rows,), chunks=(chunk,), dtype="int8", compressors=None, fill_value=-1)
-            group.create_array("ids", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
-            group.create_array("sha256", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
-            if with_split:
-                group.create_array("split", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
-            if view_param_names:
-                group.create_array("view_levels", shape=(n_rows, views), chunks=(chunk, views), dtype="int8",
-                                   compressors=None, fill_value=-1)
-                p = len(view_param_names)
-                group.create_array("view_params", shape=(n_rows, views, p), chunks=(chunk, views, p),
-                                   dtype="float32", compressors=None, fill_value=float("nan"))
-            stamp = utc_timestamp()
-            attrs = {
-                "schema_version": SCHEMA_VERSION,
-                "tool": "featstore",
-                "tool_version": __version__,
-                "provenance": provenance,
-                "chunk_rows": chunk,
-                "n_committed": 0,
-                "n_listed": n_rows,
-                "n_consumed": 0,
-                "quarantined": [],
-                "complete": False,
-                CHUNKS_ATTR: {},
-                "created": stamp,
-                "updated": stamp,
-            }
-            if view_param_names:
-                attrs["view_param_names"] = [str(name) for name in view_param_names]
-            attrs.update(extra_attrs or {})
-            group.update_attributes(attrs)
+            with disk_errors(root, "its arrays (creating it)"):
+                return cls._create_arrays(root, lock, n_rows, views, dim, provenance, dtype, chunk_rows, with_split,
+                                          extra_attrs, view_param_names)
         except BaseException:
             lock.release()
             raise
+
+    @classmethod
+    def _create_arrays(cls, root: Path, lock: WriterLock, n_rows: int, views: int, dim: int,
+                       provenance: dict[str, Any], dtype: str, chunk_rows: int, with_split: bool,
+                       extra_attrs: dict[str, Any] | None, view_param_names: Sequence[str] | None) -> "Store":
+        """``create``'s zarr writes (the folder made and locked): arrays, then the attributes last."""
+        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+        rows = max(n_rows, 1)
+        chunk = min(chunk_rows, rows) if n_rows else chunk_rows
+        group.create_array(
+            "features", shape=(n_rows, views, dim), chunks=(chunk, views, dim), dtype=dtype,
+            compressors=None, fill_value=0,
+        )
+        group.create_array("labels", shape=(n_rows,), chunks=(chunk,), dtype="int8", compressors=None, fill_value=-1)
+        group.create_array("ids", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
+        group.create_array("sha256", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
+        if with_split:
+            group.create_array("split", shape=(n_rows,), chunks=(chunk,), dtype=str, compressors=None)
+        if view_param_names:
+            group.create_array("view_levels", shape=(n_rows, views), chunks=(chunk, views), dtype="int8",
+                               compressors=None, fill_value=-1)
+            p = len(view_param_names)
+            group.create_array("view_params", shape=(n_rows, views, p), chunks=(chunk, views, p),
+                               dtype="float32", compressors=None, fill_value=float("nan"))
+        stamp = utc_timestamp()
+        attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "tool": "featstore",
+            "tool_version": __version__,
+            "provenance": provenance,
+            "chunk_rows": chunk,
+            "n_committed": 0,
+            "n_listed": n_rows,
+            "n_consumed": 0,
+            "quarantined": [],
+            "complete": False,
+            CHUNKS_ATTR: {},
+            "created": stamp,
+            "updated": stamp,
+        }
+        if view_param_names:
+            attrs["view_param_names"] = [str(name) for name in view_param_names]
+        attrs.update(extra_attrs or {})
+        group.update_attributes(attrs)
         return cls(root, group, "r+", lock)
 
     def close(self) -> None:
@@ -467,6 +496,15 @@ class Store:
             raise StoreError(f"block [{start}, {start + n}) exceeds the preallocated {self._array('features').shape[0]} rows")
         if not (len(labels) == len(ids) == len(sha256) == n):
             raise StoreError("features, labels, ids and sha256 must have the same number of rows")
+        with self._disk_errors(f"rows {start}-{start + n - 1}"):
+            self._write_rows(start, features, labels, ids, sha256, split, view_levels, view_params)
+
+    def _write_rows(self, start: int, features: np.ndarray, labels: np.ndarray, ids: Sequence[str],
+                    sha256: Sequence[str], split: Sequence[str] | None, view_levels: np.ndarray | None,
+                    view_params: np.ndarray | None) -> None:
+        """``write_block``'s writes, fsyncs and chunk records (its checks done)."""
+        n = len(features)
+        cr = self.chunk_rows
         self._array("features")[start : start + n] = np.asarray(features, dtype=self.dtype)
         self._array("labels")[start : start + n] = np.asarray(labels, dtype=np.int8)
         self._array("ids")[start : start + n] = np.asarray(list(ids), dtype=object).astype(str)
@@ -495,6 +533,10 @@ class Store:
             rows = min(start + n, (c + 1) * cr) - c * cr
             self._pending_chunks[str(c)] = {"rows": int(rows), "files": files}
 
+    def _disk_errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """``disk_errors`` for this store (its committed rows named in the message)."""
+        return disk_errors(self.path, what, self.rows)
+
     def commit(self, n_committed: int, **attrs: Any) -> None:
         """Durably move the committed-rows marker (and progress attributes) forward."""
         self._require_writable()
@@ -507,7 +549,8 @@ class Store:
             update[CHUNKS_ATTR] = {k: v for k, v in merged.items() if int(k) * cr < n}
             if sum(int(v["rows"]) for v in update[CHUNKS_ATTR].values()) != n or len(update[CHUNKS_ATTR]) != -(-n // cr):
                 raise StoreError(f"{self.path}: commit of {n} rows does not match the rows written; nothing was committed")
-        commit_attributes(self.group, self.path, update)
+        with self._disk_errors(f"the commit of {n} rows"):
+            commit_attributes(self.group, self.path, update)
         self._attrs.update(update)
         if CHUNKS_ATTR in update:  # chunks written ahead of the marker stay pending for the next commit
             self._pending_chunks = {k: v for k, v in self._pending_chunks.items() if k not in update[CHUNKS_ATTR]}
@@ -576,6 +619,82 @@ class Store:
         return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
+@contextlib.contextmanager
+def disk_errors(root: Path, what: str, committed: int = 0) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) or a read-only one (EROFS) while writing store ``root`` into
+    one line naming the store and the fix; committed rows stay as they are (a resume continues from them)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        problem = "is read-only" if exc.errno == errno.EROFS else "is full (no space left on the device)"
+        fix = ("pick another --out on a writable disk" if exc.errno == errno.EROFS else
+               "free space on that disk or pick another --out")
+        kept = (f" {committed} rows are committed and kept: re-run the same command to resume" if committed else "")
+        raise StoreDiskError(f"{root}: the disk holding the store {problem} while writing {what}; {fix}.{kept}") from None
+
+
+def _open_group(root: Path, mode: str) -> zarr.Group:
+    """The store's zarr group; zarr's metadata errors (a root zarr.json that is not a group's) as one StoreError."""
+    try:
+        return zarr.open_group(str(root), mode="r" if mode == "r" else "r+", zarr_format=3)
+    except Exception as exc:  # zarr raises TypeError, ValueError and its own errors alike here
+        raise StoreError(f"{root / 'zarr.json'}: zarr cannot read it as a store's group "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the store's "
+                         "metadata is damaged: restore it from a backup or re-extract") from None
+
+
+def check_metadata(root: Path) -> None:
+    """Refuse a store whose zarr.json (or a member array's) is not a JSON object, naming the file.
+
+    zarr would raise a JSONDecodeError or TypeError from deep inside; a hand-edited or truncated
+    metadata file deserves one line saying which file and what to do.
+    """
+    fix = "the store's metadata is damaged: restore it from a backup or re-extract"
+    for meta in [root / "zarr.json", *sorted(root.glob("*/zarr.json"))]:
+        try:
+            doc = json.loads(meta.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise StoreError(f"{meta}: not UTF-8 text; {fix}") from None
+        except ValueError as exc:
+            raise StoreError(f"{meta}: not valid JSON ({exc}); {fix}") from None
+        if not isinstance(doc, dict):
+            raise StoreError(f"{meta}: holds a JSON {type(doc).__name__}, not an object; {fix}")
+        if meta.parent == root and not isinstance(doc.get("attributes", {}), dict):
+            raise StoreError(f"{meta}: 'attributes' is a JSON {type(doc['attributes']).__name__}, not an object; {fix}")
+
+
+#: Attribute name -> (accepted types, what it must be): checked at open, since zarr.json may be hand-edited.
+_ATTR_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "provenance": ((dict,), "an object (what the features were made from)"),
+    "quarantined": ((list,), "a list of {path, reason} objects"),
+    "complete": ((bool,), "true or false"),
+    "n_listed": ((int,), "a row count"),
+    "n_consumed": ((int,), "a row count"),
+    "chunk_rows": ((int,), "a row count"),
+    CHUNKS_ATTR: ((dict,), "an object of per-chunk records"),
+    "view_param_names": ((list,), "a list of names"),
+}
+
+
+def check_attributes(root: Path, attrs: dict[str, Any]) -> None:
+    """StoreError naming the attribute when a known attribute of zarr.json has the wrong JSON type."""
+    fix = "the store is damaged (was zarr.json edited?): restore it from a backup or re-extract"
+    for key, (types, what) in _ATTR_TYPES.items():
+        if key not in attrs:
+            continue
+        value = attrs[key]
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise StoreError(f"{root / 'zarr.json'}: attribute {key} is {value!r:.60}, not {what}; {fix}")
+    for item in attrs.get("quarantined", []):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("path", "reason")):
+            raise StoreError(f"{root / 'zarr.json'}: attribute quarantined holds {item!r:.60}, not a "
+                             f"{{path, reason}} object; {fix}")
+    if not all(isinstance(n, str) for n in attrs.get("view_param_names", [])):
+        raise StoreError(f"{root / 'zarr.json'}: attribute view_param_names must be a list of names; {fix}")
+
+
 #: Everything ``Store.create`` writes before its attributes (the last step) are in place.
 _CREATION_NAMES = frozenset({LOCK_NAME, "zarr.json", "features", "labels", "ids", "sha256", "split",
                              "view_levels", "view_params"})
@@ -618,10 +737,48 @@ def _clear_unfinished(root: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def nonfinite_rows(features: np.ndarray, block_rows: int = 4096) -> np.ndarray:
+    """Indices (int64) of the rows of ``features`` [N, ...] holding a NaN or an infinity (memmaps read blockwise)."""
+    out = []
+    for s in range(0, len(features), block_rows):
+        block = np.asarray(features[s:s + block_rows])
+        ok = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        out.append(s + np.flatnonzero(~ok))
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+
+
+def describe_rows(rows: np.ndarray, shown: int = 10) -> str:
+    """``"3 rows (2, 5, 9)"``: how many rows, and the first ``shown`` of them."""
+    listed = ", ".join(str(int(r)) for r in rows[:shown]) + (", ..." if len(rows) > shown else "")
+    return f"{len(rows)} row(s) ({listed})"
+
+
 def row_hashes(features: np.ndarray) -> list[str]:
     """sha256 of each row's view-0 features (float32 bytes): a content key for stores without images."""
     v0 = np.ascontiguousarray(np.asarray(features, dtype=np.float32)[:, 0])
     return [sha256_bytes(row.tobytes()) for row in v0]
+
+
+def check_view_arrays(view_levels: Any, view_params: Any, names: Sequence[str] | None, n: int, views: int,
+                      where: str = "") -> tuple[np.ndarray | None, np.ndarray | None, list[str] | None]:
+    """(levels int8 [n, V], params float32 [n, V, P], P names), or Nones when none is given; a StoreError
+    (prefixed by ``where``) when only some are given, or their shapes or values do not fit the features."""
+    pre = f"{where}: " if where else ""
+    given = [x is not None for x in (view_levels, view_params, names)]
+    if not any(given):
+        return None, None, None
+    if not all(given):
+        raise StoreError(f"{pre}view_levels, view_params and view_param_names come together; give all three or none")
+    levels = np.asarray(view_levels)
+    params = np.asarray(view_params)
+    names = [str(x) for x in names]  # type: ignore[union-attr]
+    if levels.shape != (n, views) or levels.dtype.kind not in "iu" or not np.isin(levels, (-1, *VIEW_LEVELS)).all():
+        raise StoreError(f"{pre}view_levels must be integers in -1..3 of shape ({n}, {views}), got "
+                         f"{levels.dtype} {levels.shape}")
+    if params.shape != (n, views, len(names)) or params.dtype.kind != "f" or not names:
+        raise StoreError(f"{pre}view_params must be floats of shape ({n}, {views}, {len(names)}) (one per "
+                         f"view_param_names entry), got {params.dtype} {params.shape}")
+    return levels.astype(np.int8), params.astype(np.float32), names
 
 
 def write_store(
@@ -636,19 +793,30 @@ def write_store(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     split: Iterable[str] | None = None,
     overwrite: bool = False,
+    view_levels: np.ndarray | None = None,
+    view_params: np.ndarray | None = None,
+    view_param_names: Sequence[str] | None = None,
 ) -> Store:
     """Build a complete store from arrays: features [N,V,D] (or [N,D] -> V=1), labels [N] in {-1,0,1}.
 
     ``dtype`` defaults to the input's when float16/float32 (else float32); ``sha256`` defaults to a
-    hash of each row's view-0 features; ``ids`` to ``row-000000``... Returns the store, open read-only.
+    hash of each row's view-0 features; ``ids`` to ``row-000000``... ``view_levels`` [N,V] and
+    ``view_params`` [N,V,P] (with P ``view_param_names``) are stored as ``extract`` stores them, when
+    given (all three together). Returns the store, open read-only.
     """
     feats = np.asarray(features)
     if feats.ndim == 2:
         feats = feats[:, None, :]
     if feats.ndim != 3:
         raise StoreError(f"features must be [N, D] or [N, V, D], got shape {feats.shape}")
-    if not np.issubdtype(feats.dtype, np.floating) or not np.all(np.isfinite(feats)):
-        raise StoreError("features must be finite floating-point numbers")
+    if not np.issubdtype(feats.dtype, np.floating):
+        raise StoreError(f"features must be floating-point numbers, got {feats.dtype}")
+    if feats.shape[1] < 1 or feats.shape[2] < 1:
+        raise StoreError(f"features have shape {feats.shape}: a store needs at least 1 view and 1 feature (D >= 1)")
+    bad = nonfinite_rows(feats)
+    if bad.size:
+        raise StoreError(f"features must be finite: {describe_rows(bad)} hold NaN or infinite values; "
+                         "fix or drop those rows")
     n = feats.shape[0]
     lab = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels).reshape(-1)
     if lab.shape != (n,):
@@ -663,6 +831,7 @@ def write_store(
     if len(sha) != n:
         raise StoreError(f"sha256 has {len(sha)} entries for {n} feature rows")
     split_list = None if split is None else [str(s) for s in split]
+    levels, params, names = check_view_arrays(view_levels, view_params, view_param_names, n, feats.shape[1])
     if dtype is None:
         dtype = str(feats.dtype) if str(feats.dtype) in DTYPES else "float32"
     root = Path(path)
@@ -672,12 +841,14 @@ def write_store(
     prov.setdefault("kind", "arrays")
     with Store.create(
         root, n, feats.shape[1], feats.shape[2], prov, dtype=dtype, chunk_rows=chunk_rows,
-        with_split=split_list is not None, extra_attrs={"n_consumed": n},
+        with_split=split_list is not None, extra_attrs={"n_consumed": n}, view_param_names=names,
     ) as store:
         cr = store.chunk_rows
         for s in range(0, n, cr):
             e = min(n, s + cr)
-            store.write_block(s, feats[s:e], lab[s:e], id_list[s:e], sha[s:e], None if split_list is None else split_list[s:e])
+            store.write_block(s, feats[s:e], lab[s:e], id_list[s:e], sha[s:e], None if split_list is None else split_list[s:e],
+                              view_levels=None if levels is None else levels[s:e],
+                              view_params=None if params is None else params[s:e])
         store.commit(n, n_consumed=n)
         store.finalize()
     return Store.open(root)

@@ -82,8 +82,8 @@ class SCRCPolicy(ExitPolicy):
     def fit(self, scores: dict[str, np.ndarray], y: np.ndarray) -> "SCRCPolicy":
         """Fit the calibrators on a part of val_calib and SCRC-I on the rest (the base conventions)."""
         p, s, yy, fit_idx, cert_idx, frac = self._fit_calibrators(scores, y)
-        if len(cert_idx) == 0:  # SCRC's state needs certification rows: still an error here
-            raise DataError(f"calib_fraction={frac} leaves an empty part of {len(yy)} rows")
+        # too few rows to split (1-2 rows): no certification row, so SCRC-I on none certifies nothing
+        # and says how many rows it needs (the contract: certified false and the size needed, not an error)
         st = fit_scrc(
             s[cert_idx], p[cert_idx], yy[cert_idx], xi=self.xi, alpha=self.alpha, delta=self.delta,
             delta_split=self.delta_split, selection_bound=self.selection_bound, risk_bound=self.risk_bound,
@@ -91,6 +91,9 @@ class SCRCPolicy(ExitPolicy):
         )
         self._set_state(st)
         self.reason = st.reason
+        if len(cert_idx) == 0:
+            self.reason = (f"not certifiable: val_calib has {len(yy)} rows ({int(yy.sum())} positives), too few "
+                           f"to split calib_fraction={frac:g} into a calibrator part and a certification part")
         if not st.certified:  # n_needed: val_calib rows (the calibrator's share included), not positives
             if frac > 0:
                 self.n_needed = int(math.ceil(st.n_calib_needed / (1.0 - frac) - 1e-9))
@@ -112,7 +115,7 @@ class SCRCPolicy(ExitPolicy):
             "n_fit_calibrator": int(len(fit_idx)) if frac > 0 else int(len(yy)),
             "n_certify": int(len(cert_idx)),
             "n_pos_certify": int(yy[cert_idx].sum()),
-            "calib_selection_coverage": float(sel.mean()),
+            "calib_selection_coverage": float(sel.mean()) if sel.size else float("nan"),
             "calib_miscoverage_selected": float(miss.sum() / sel.sum()) if sel.any() else float("nan"),
             **{f"calib_{k}": v for k, v in selective_risks(yy[cert_idx], d.label.astype(np.int64), d.exit).items()},
         }

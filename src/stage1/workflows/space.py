@@ -17,13 +17,16 @@ default), ``false`` (view 0 only) or ``{ choices = [true, false] }`` (searched; 
 
 ``check_names`` (run before a sweep starts) refuses parts that are not registered and parameters a
 part does not declare, and checks every fixed value, choice and range end against the part's
-declaration (``PARAMS``: type and range). The objective's risk is any registered risk
+declaration (``PARAMS``: type and range); ``check_sampling`` then builds every range as Optuna will
+and every part at its ranges' ends, so a space that parses but would fail every trial is refused
+with one line before the first trial. The objective's risk is any registered risk
 (``stage1.policies.risks.RISKS``); its constraint is measured_risk - alpha <= 0.
 """
 from __future__ import annotations
 
 import os
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -75,6 +78,11 @@ def resolve_space_path(space: str | os.PathLike[str] | None, study: str) -> Path
     return shipped if shipped.is_file() else studies_dir() / "default.toml"
 
 
+def _is_number(x: Any) -> bool:
+    """True for an int or float that is not a bool (TOML's true is no range end)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_dist(where: str, spec: Any) -> None:
     """Refuse a malformed distribution table with a message naming it."""
     if not isinstance(spec, dict):
@@ -86,10 +94,23 @@ def _check_dist(where: str, spec: Any) -> None:
     else:
         if "low" not in spec or "high" not in spec:
             raise SpaceError(f"{where}: a distribution needs either choices = [...] or low and high")
+        if not all(_is_number(spec[k]) for k in ("low", "high")):
+            raise SpaceError(f"{where}: low and high must be numbers (got {spec['low']!r}, {spec['high']!r}); "
+                             "use choices = [...] for other values")
         if not spec["low"] <= spec["high"]:
             raise SpaceError(f"{where}: low ({spec['low']}) must be <= high ({spec['high']})")
+        if "log" in spec and not isinstance(spec["log"], bool):
+            raise SpaceError(f"{where}: log must be true or false, not {spec['log']!r}")
         if spec.get("log") and spec["low"] <= 0:
             raise SpaceError(f"{where}: log = true needs low > 0")
+        if "step" in spec:
+            step = spec["step"]
+            if not _is_number(step) or not step > 0:
+                raise SpaceError(f"{where}: step must be a number > 0, not {step!r}")
+            integer = all(isinstance(spec[k], int) for k in ("low", "high", "step"))
+            if spec.get("log") and not (integer and step == 1):
+                raise SpaceError(f"{where}: log = true and a step cannot be combined (Optuna samples a log range "
+                                 "without a step; an int range only with step = 1): drop one of them")
         extra = set(spec) - {"low", "high", "log", "step"}
     if extra:
         raise SpaceError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
@@ -123,17 +144,19 @@ class SearchSpace:
                     raise SpaceError(f"{source}: [{kind}.{name}] must be a table")
                 for key, spec in params.items():
                     _check_dist(f"{source}: {kind}.{name}.{key}", spec)
+        if not isinstance(data.get("objective") or {}, dict):
+            raise SpaceError(f"{source}: objective must be a table ([objective] with risk, alpha, coverage_split)")
         objective = {**DEFAULT_OBJECTIVE, **(data.get("objective") or {})}
         bad = set(objective) - set(DEFAULT_OBJECTIVE)
         if bad:
             raise SpaceError(f"{source}: [objective] unknown key(s) {', '.join(sorted(bad))}")
         from stage1.policies.risks import RISKS
 
-        if objective["risk"] not in RISKS:
+        if not isinstance(objective["risk"], str) or objective["risk"] not in RISKS:
             raise SpaceError(f"{source}: [objective] risk {objective['risk']!r}; choose one of {', '.join(RISKS.names())}")
-        if not 0.0 < float(objective["alpha"]) < 1.0:
-            raise SpaceError(f"{source}: [objective] alpha must be in (0, 1)")
-        if objective["coverage_split"] not in ("val_select", "val_calib"):
+        if not _is_number(objective["alpha"]) or not 0.0 < float(objective["alpha"]) < 1.0:
+            raise SpaceError(f"{source}: [objective] alpha must be a number in (0, 1), not {objective['alpha']!r}")
+        if not isinstance(objective["coverage_split"], str) or objective["coverage_split"] not in ("val_select", "val_calib"):
             raise SpaceError(f"{source}: [objective] coverage_split must be val_select or val_calib (never test)")
         return cls(heads=heads, policies=policies, objective=objective, source=source, train=train)
 
@@ -156,6 +179,37 @@ class SearchSpace:
                 raise SpaceError(f"{self.source}: unknown {kind}(s) {', '.join(bad)}; registered: {', '.join(valid)}")
         self.check_params()
         self.check_bounds()
+        self.check_sampling()
+
+    def check_sampling(self, heads: Any = None, policies: Any = None) -> None:
+        """Refuse, before the first trial, what would make trials fail: build every distribution as
+        Optuna will (its own checks), then build each part from its fixed values with every range at
+        its low end, then at its high end, and with each choice (a parameter combination the part
+        refuses). Registries default to HEADS and POLICIES."""
+        import optuna
+
+        if heads is None:
+            from stage1.heads import HEADS as heads
+        if policies is None:
+            from stage1.policies import POLICIES as policies
+        for kind, parts, registry in (("head", self.heads, heads), ("policy", self.policies, policies)):
+            for name, specs in parts.items():
+                where = f"{self.source}: [{kind}.{name}]"
+                for key, spec in specs.items():
+                    if isinstance(spec, dict) and "choices" not in spec:
+                        try:
+                            with warnings.catch_warnings():  # e.g. a step not dividing the range: Optuna adjusts it
+                                warnings.simplefilter("ignore")
+                                _distribution(optuna, spec)
+                        except (ValueError, TypeError) as exc:
+                            raise SpaceError(f"{where} {key}: Optuna refuses this range ({exc})") from None
+                for params in _corners(specs):
+                    try:
+                        registry.create(name, **params)
+                    except (ValueError, TypeError) as exc:
+                        shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+                        raise SpaceError(f"{where}: every trial drawing {shown or 'the defaults'} would fail: "
+                                         f"{exc}; change the space") from None
 
     def check_bounds(self, policies: Any = None) -> None:
         """Refuse a policy whose certificate cannot bound the objective's risk: its "certified"
@@ -232,8 +286,9 @@ def check_part(where: str, declared: Params, specs: Mapping[str, Any], noun: str
                                      "use choices = [...]")
                 p.validate(spec["low"], where)
                 p.validate(spec["high"], where)
-                if p.type is int and not isinstance(spec.get("step", 1), int):
-                    raise SpaceError(f"{where} {key}: an int parameter needs an int step")
+                if p.type is int and not all(isinstance(spec.get(k, 1), int) for k in ("low", "high", "step")):
+                    raise SpaceError(f"{where} {key}: an int parameter needs int low, high and step (a float end "
+                                     "would draw non-integers)")
     except ConfigError as exc:
         raise SpaceError(str(exc)) from None
 
@@ -256,6 +311,38 @@ def _check_train(table: Any, source: str) -> dict[str, Any]:
     return dict(table)
 
 
+def _is_int_range(spec: dict[str, Any]) -> bool:
+    """True when ``_suggest_part`` draws this range as an int (integer ends and step)."""
+    return all(isinstance(spec[k], int) and not isinstance(spec[k], bool) for k in ("low", "high")) and \
+        isinstance(spec.get("step", 1), int)
+
+
+def _distribution(optuna: Any, spec: dict[str, Any]) -> Any:
+    """The Optuna distribution ``_suggest_part`` draws a range from (its constructor checks the range)."""
+    if _is_int_range(spec):
+        return optuna.distributions.IntDistribution(spec["low"], spec["high"], log=bool(spec.get("log", False)),
+                                                    step=spec.get("step", 1))
+    return optuna.distributions.FloatDistribution(float(spec["low"]), float(spec["high"]),
+                                                  log=bool(spec.get("log", False)), step=spec.get("step"))
+
+
+def _corners(specs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Parameter sets a part is built with before a sweep: fixed values, plus every range at its low
+    end (then its high end) and the first choices; then each further choice in turn."""
+    fixed = {k: v for k, v in specs.items() if not isinstance(v, dict)}
+    ranges = {k: v for k, v in specs.items() if isinstance(v, dict) and "choices" not in v}
+    choices = {k: v["choices"] for k, v in specs.items() if isinstance(v, dict) and "choices" in v}
+
+    def end(spec: dict[str, Any], which: str) -> Any:
+        return spec[which] if _is_int_range(spec) else float(spec[which])
+
+    first = {k: c[0] for k, c in choices.items()}
+    out = [{**fixed, **first, **{k: end(v, which) for k, v in ranges.items()}} for which in ("low", "high")]
+    for key, values in choices.items():
+        out += [{**out[0], key: value} for value in values[1:]]
+    return out
+
+
 def _suggest_part(trial: Any, prefix: str, specs: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, spec in specs.items():
@@ -264,8 +351,7 @@ def _suggest_part(trial: Any, prefix: str, specs: dict[str, Any]) -> dict[str, A
             out[key] = spec
         elif "choices" in spec:
             out[key] = trial.suggest_categorical(name, spec["choices"])
-        elif all(isinstance(spec[k], int) and not isinstance(spec[k], bool) for k in ("low", "high")) and \
-                isinstance(spec.get("step", 1), int):
+        elif _is_int_range(spec):
             out[key] = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1),
                                          log=bool(spec.get("log", False)))
         else:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from stage1._core.errors import DataError
+from stage1._core.errors import ConfigError, DataError, EnvironmentProblem
 from stage1.workflows.space import SearchSpace
 
 from .data import SweepData
@@ -52,22 +52,84 @@ def redact_url(url: str) -> str:
     return head + urlunsplit(("", "", parts.path, query, parts.fragment))
 
 
-def make_storage(url: str) -> Any:
-    """An RDB storage for ``sqlite:///...`` or ``postgresql://...`` with heartbeats (stale trials fail)."""
-    import optuna
+class StorageError(ConfigError):
+    """A ``--storage`` URL that cannot name a database (a usage error: fix the option)."""
 
+
+class StorageUnavailable(EnvironmentProblem):
+    """A well-formed ``--storage`` whose database cannot be reached or opened (or whose driver is missing)."""
+
+
+def check_storage_url(url: str) -> None:
+    """ConfigError (one line, password redacted) unless ``url`` is a database URL SQLAlchemy knows and
+    whose driver is installed: ``sqlite:///PATH`` or ``postgresql://user:password@host/db``."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = redact_url(url)
+    examples = "e.g. sqlite:///studies.db or postgresql://user:password@host/db"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        raise StorageError(f"--storage {shown!r}: not a database URL; {examples}") from None
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise StorageError(f"--storage {shown}: unknown database kind {parsed.drivername!r}; {examples}") from None
+    if parsed.drivername.startswith("sqlite"):
+        if not parsed.database:
+            raise StorageError(f"--storage {shown}: names no database file; {examples}")
+        return
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise StorageUnavailable(f"--storage {shown}: the {parsed.drivername} driver is not installed ({exc}); "
+                                 "install its Python driver (for PostgreSQL: psycopg2-binary) or use sqlite:///FILE") from None
+
+
+def _detail(exc: BaseException, url: str) -> str:
+    """The first line of a database error, with the URL's password never in it."""
+    from sqlalchemy.engine import make_url
+
+    text = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001 - the URL was checked already; nothing to hide otherwise
+        password = None
+    return text.replace(str(password), REDACTED) if password else text
+
+
+def make_storage(url: str) -> Any:
+    """An RDB storage for ``sqlite:///...`` or ``postgresql://...`` with heartbeats (stale trials fail).
+
+    A URL that is not a database's, a missing driver, or a database that cannot be opened or reached
+    is one line naming ``--storage`` (its password redacted), never a traceback.
+    """
+    import sqlite3
+
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    check_storage_url(url)
+    shown = redact_url(url)
     engine_kwargs: dict[str, Any] = {}
     sqlite = url.startswith("sqlite")
-    if sqlite:
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-        db = url.split("///", 1)[-1]
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-            _sqlite_wal(db)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                             heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    try:
+        if sqlite:
+            engine_kwargs = {"connect_args": {"timeout": 120}}
+            db = url.split("///", 1)[-1]
+            if db and db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+                _sqlite_wal(db)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                 heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError, sqlite3.Error) as exc:
+        fix = ("check the database file's path (its folder must be writable, the file a SQLite database), or "
+               "pick another --storage" if sqlite else
+               "check the host, port, user and password, and that the database server runs")
+        raise StorageUnavailable(f"--storage {shown}: cannot open the database ({_detail(exc, url)}); {fix}") from None
     if sqlite:
         from sqlalchemy import event
 
