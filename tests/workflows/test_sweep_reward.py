@@ -58,8 +58,13 @@ def test_two_trial_sweep_maximises_the_simulated_reward(store: Path, tmp_path: P
     db = f"sqlite:///{tmp_path / 'studies.db'}"
     args = ["sweep", str(store), "--study", "r", "--storage", db, "--space", str(space), "--trials", "2",
             "--quiet"]
-    res = CliRunner().invoke(cli.main, [*args, "--objective", "reward"])
+    res = CliRunner().invoke(cli.main, [*args, "--objective", "reward", "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
+    # the outputs name the first value after the objective it is, not certified coverage
+    header = (tmp_path / "out" / "trials.csv").read_text().splitlines()[0].split(",")
+    assert "reward" in header and "certified_coverage" not in header
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert all(set(p["values"]) == {"reward", "augrc"} for p in summary["pareto"]) and summary["pareto"]
     study = optuna.load_study(study_name="r", storage=db)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(done) == 2

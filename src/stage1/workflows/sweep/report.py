@@ -18,7 +18,7 @@ from stage1._core.errors import ExistsError
 from stage1.workflows.space import SearchSpace
 
 from .data import SweepData
-from .objective import CONSTRAINTS_KEY, OBJECTIVE_NAMES, RESULT_ATTR, feasible, trial_constraints
+from .objective import CONSTRAINTS_KEY, OBJECTIVE_NAMES, RESULT_ATTR, feasible, objective_names, trial_constraints
 
 
 @dataclass
@@ -60,13 +60,13 @@ def pareto_trials(study: Any) -> list[Any]:
     return sorted(front, key=lambda t: (-t.values[0], t.values[1], t.number))
 
 
-def trial_rows(study: Any) -> list[dict[str, Any]]:
-    """One flat dict per trial for trials.csv."""
+def trial_rows(study: Any, names: tuple[str, str] = OBJECTIVE_NAMES) -> list[dict[str, Any]]:
+    """One flat dict per trial for trials.csv; ``names`` label the two objective values."""
     rows = []
     for t in study.trials:
         row: dict[str, Any] = {"number": t.number, "state": t.state.name}
         if t.values:
-            row.update(dict(zip(OBJECTIVE_NAMES, t.values)))
+            row.update(dict(zip(names, t.values)))
         row["feasible"] = feasible(t) if t.values else ""
         row.update({f"constraint.{k}": v for k, v in (trial_constraints(t) or {}).items()})
         for k, v in t.user_attrs.items():
@@ -96,8 +96,8 @@ def write_trials_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def write_plots(study: Any, out: Path) -> dict[str, str]:
-    """Pareto-front and parameter-importance PNGs via optuna.visualization.matplotlib."""
+def write_plots(study: Any, out: Path, names: tuple[str, str] = OBJECTIVE_NAMES) -> dict[str, str]:
+    """Pareto-front and parameter-importance PNGs via optuna.visualization.matplotlib (``names``: the two objectives)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,12 +113,12 @@ def write_plots(study: Any, out: Path) -> dict[str, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)
-        ax = ovm.plot_pareto_front(study, target_names=["certified coverage", "AUGRC (val_select)"])
+        ax = ovm.plot_pareto_front(study, target_names=[names[0].replace("_", " "), "AUGRC (val_select)"])
         path = out / "pareto_front.png"
         ax.figure.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(ax.figure)
         plots["pareto_front"] = str(path)
-        for i, name in enumerate(OBJECTIVE_NAMES):
+        for i, name in enumerate(names):
             try:
                 ax = ovm.plot_param_importances(study, target=lambda t, i=i: t.values[i], target_name=name)
             except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few / constant trials
@@ -137,8 +137,9 @@ def write_outputs(study: Any, space: SearchSpace, data: SweepData, out: Path, re
     from stage1._core.io import atomic_write_json, json_safe
 
     out.mkdir(parents=True, exist_ok=True)
-    write_trials_csv(out / "trials.csv", trial_rows(study))
-    result.plots = write_plots(study, out)
+    names = objective_names(space.objective)
+    write_trials_csv(out / "trials.csv", trial_rows(study, names))
+    result.plots = write_plots(study, out, names)
     front = pareto_trials(study)
     chosen = front[: max(0, top)]
     n_candidates = sum(1 for t in study.trials if t.state.name == "COMPLETE")
@@ -151,12 +152,12 @@ def write_outputs(study: Any, space: SearchSpace, data: SweepData, out: Path, re
         result.runs.append(str(run_dir))
     if front:
         b = front[0]
-        result.best = {"trial": b.number, "values": dict(zip(OBJECTIVE_NAMES, b.values)),
+        result.best = {"trial": b.number, "values": dict(zip(names, b.values)),
                        "params": b.params, "user_attrs": b.user_attrs,
                        "run_dir": result.runs[0] if result.runs else None}
     atomic_write_json(out / "summary.json", json_safe(result.to_dict() | {
         "objective": space.objective, "space": space.source, "pareto": [
-            {"trial": t.number, "values": dict(zip(OBJECTIVE_NAMES, t.values)), "params": t.params}
+            {"trial": t.number, "values": dict(zip(names, t.values)), "params": t.params}
             for t in front]}))
 
 
