@@ -707,12 +707,10 @@ CORPUS: list = [  # Case, or pytest.param(Case, marks=...) for a known gap outsi
     Case("threshold-1e400", "calibrate", "traceback",
          lambda w, m: ["calibrate", str(w.run), "--policy", "threshold", "--threshold", "1e400"], "error", "threshold",
          keep=("run",)),
-    pytest.param(Case("scores-corrupt", "calibrate", "traceback",
+    Case("scores-corrupt", "calibrate", "traceback",
          lambda w, m: ((w.run / "scores.safetensors").write_bytes(b"junk" * 10),
                        ["calibrate", str(w.run), "--policy", "ltt"])[1], "error", "scores.safetensors",
          keep=("store",)),
-        marks=pytest.mark.xfail(strict=True, reason="runs/ reads scores.safetensors without turning a "
-                                "SafetensorError into a DataError (not in helper C's files; reported)")),
     # ---------------------------------------------------------------- export
     Case("policy-certified-yes", "export", "silent",
          lambda w, m: (_json_edit(w.run / "policy.json", lambda d: d["state"].update(certified="yes")),

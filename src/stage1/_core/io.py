@@ -169,12 +169,20 @@ def save_safetensors_atomic(
 
 
 def load_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a safetensors file into a dict of numpy arrays (no pickle involved)."""
+    """Load a safetensors file into a dict of numpy arrays (no pickle involved); a file that is not
+    valid safetensors is a ``DataError`` naming it."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
+
+    from stage1._core.errors import DataError
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: file not found")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise DataError(f"{path}: not a readable safetensors file ({exc}); it is corrupt or truncated: "
+                        "restore it or re-create it with the command that wrote it") from None
 
 
 def utc_timestamp() -> str:
