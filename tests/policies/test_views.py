@@ -44,6 +44,21 @@ def test_draw_uses_only_the_levels_an_image_has() -> None:
     assert counts[0] == counts[1] == 0 and abs(counts[2] / 2000 - 0.5) < 0.05  # level 2 is not doubled
 
 
+def test_a_level0_view_0_does_not_skew_the_mix() -> None:
+    # --preprocess validator: view 0 is level 0 on every image; 3 distorted views at i.i.d. uniform levels
+    n = 8000
+    rng = np.random.default_rng(5)
+    levels = np.concatenate([np.zeros((n, 1)), rng.integers(0, 4, size=(n, 3))], axis=1).astype(np.int8)
+    view, level = draw_one_view(levels, np.arange(n), seed=2)
+    assert np.all(view >= 1)
+    np.testing.assert_allclose(np.bincount(level, minlength=4) / n, 0.25, atol=0.02)
+    # counted with view 0 in the draw, level 0 would take about 0.39 of the rows (the skew this avoids)
+    # distorted views at levels 1-3 only: view 0 is the only source of level 0 and stays in the draw
+    only = np.concatenate([np.zeros((n, 1)), rng.integers(1, 4, size=(n, 3))], axis=1).astype(np.int8)
+    _, lv = draw_one_view(only, np.arange(n), seed=2)
+    assert np.mean(lv == 0) > 0.25
+
+
 def test_level_views_and_take_views() -> None:
     levels = np.array([[-1, 1, 1, 3], [-1, 2, 3, 0]], dtype=np.int8)
     v1 = level_views(levels, np.arange(2), 1, seed=0)

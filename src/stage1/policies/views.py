@@ -4,7 +4,11 @@ A store made with the ``validator`` view recipe records each view's distortion l
 not a validator view, e.g. a squash clean view 0). ``draw_one_view`` picks exactly one view per
 image with the subnet's level mix: a level uniformly among the levels (0-3) that image has, then a
 view uniformly among its views at that level. With all four levels available each level has
-probability 0.25. One view per image keeps calibration rows exchangeable (several views of one
+probability 0.25. View 0 made with ``--preprocess validator`` is a level-0 view on every image;
+when the distorted views (1..V-1) already supply level 0 it is left out of the draw, because
+adding it to every image over-draws level 0 (TraCon, 3 distorted views: 45/24/20/13 of 102 rows
+instead of about 26 each); the distorted views' levels are i.i.d., so drawing among them alone keeps
+each level at 0.25. One view per image keeps calibration rows exchangeable (several views of one
 image are never used as if independent). The draw of a row depends only on ``(seed, store row)``,
 so it is the same whatever other rows are drawn with it.
 
@@ -36,11 +40,18 @@ def draw_one_view(levels: np.ndarray, rows: np.ndarray, seed: int = DEFAULT_VIEW
     """(view index [n], level [n]) of one view per image; -1 / -1 where an image has no validator view.
 
     ``levels`` [n, V] int (-1 = not a validator view), ``rows`` [n] store rows (the draw's key).
+    View 0 is left out of the draw when its levels all occur among views 1..V-1 of these rows
+    (decided over the whole array: pass a whole split).
     """
     lev = np.asarray(levels, dtype=np.int64)
     rr = np.asarray(rows, dtype=np.int64).reshape(-1)
     if lev.ndim != 2 or lev.shape[0] != rr.shape[0]:
         raise DataError(f"view levels {lev.shape} do not match {rr.shape[0]} rows")
+    if lev.shape[1] > 1:
+        first = set(np.unique(lev[:, 0]).tolist()) - {-1}
+        if first and first <= set(np.unique(lev[:, 1:]).tolist()):
+            lev = lev.copy()
+            lev[:, 0] = -1
     view = np.full(len(rr), -1, dtype=np.int64)
     level = np.full(len(rr), -1, dtype=np.int64)
     for i, row in enumerate(rr):
