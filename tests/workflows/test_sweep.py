@@ -423,3 +423,21 @@ def test_a_half_run_dir_left_by_an_older_sweep_is_recovered(store: Path, tmp_pat
     _trial_run(store, run_dir, trial=1)
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["sweep"]["trial"] == 1 and (run_dir / "policy.json").exists()
+
+
+def test_a_run_where_every_trial_fails_is_an_error_naming_the_first_reason(store: Path, space_file: Path,
+                                                                           tmp_path: Path, monkeypatch) -> None:
+    from stage1.workflows.sweep import run as sweep_run
+
+    def failing(data, space, seed):
+        def objective(trial):
+            raise ValueError(f"features of trial {trial.number} are degenerate")
+        return objective
+
+    monkeypatch.setattr(sweep_run, "make_objective", failing)
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    res = CliRunner().invoke(cli.main, ["sweep", str(store), "--study", "f", "--storage", db, "--space", str(space_file),
+                                        "--trials", "2", "--quiet"])
+    assert res.exit_code == 1
+    assert "all 2 trial(s) of this run failed" in res.output and "trial 0 are degenerate" in res.output
+    assert "Traceback" not in res.output

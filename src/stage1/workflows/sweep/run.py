@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from stage1._core.errors import ConfigError
+from stage1._core.errors import ConfigError, DataError
 from stage1.workflows.space import SearchSpace, resolve_space_path
 
 from .data import SweepData
@@ -56,6 +56,19 @@ def run_worker(store: str, study_name: str, storage_url: str, space_path: str, n
     return n_trials
 
 
+#: trial user attribute holding why a failed trial failed.
+FAIL_REASON = "fail_reason"
+
+
+def check_not_all_failed(study: Any, n_before: int) -> None:
+    """A DataError when every trial this run added failed (a sweep that learnt nothing must not exit 0)."""
+    new = [t for t in study.trials if t.number >= n_before]
+    if new and all(t.state.name == "FAIL" for t in new):
+        reason = next((t.user_attrs.get(FAIL_REASON) for t in new if t.user_attrs.get(FAIL_REASON)), "no reason recorded")
+        raise DataError(f"sweep {study.study_name}: all {len(new)} trial(s) of this run failed (first: {reason}); "
+                        "fix the store or the search space, then run again (the failed trials stay in the study)")
+
+
 def optimize(study: Any, objective: Callable[[Any], Any], n_trials: int, progress: bool) -> None:
     """``study.optimize`` for ``n_trials`` trials (a failing trial is recorded, not fatal), with a tqdm bar."""
     bar = None
@@ -65,9 +78,17 @@ def optimize(study: Any, objective: Callable[[Any], Any], n_trials: int, progres
 
         bar = tqdm(total=n_trials, desc=f"sweep {study.study_name}", unit="trial", file=sys.stderr)
         callbacks.append(lambda _s, _t: bar.update(1))
+    caught = (ValueError, RuntimeError, FloatingPointError)
+
+    def recorded(trial: Any) -> Any:
+        try:
+            return objective(trial)
+        except caught as exc:  # kept on the trial, so a run where every trial fails can say why
+            trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {str(exc)[:300]}")
+            raise
+
     try:
-        study.optimize(objective, n_trials=n_trials, callbacks=callbacks,
-                       catch=(ValueError, RuntimeError, FloatingPointError), gc_after_trial=False)
+        study.optimize(recorded, n_trials=n_trials, callbacks=callbacks, catch=caught, gc_after_trial=False)
     finally:
         if bar is not None:
             bar.close()
@@ -152,6 +173,7 @@ def run_sweep(store: str | os.PathLike[str], study_name: str, storage: str = "sq
     states: dict[str, int] = {}
     for t in study.trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
+    check_not_all_failed(study, n_before)
     result = SweepResult(study=study_name, storage=redact_url(storage), n_before=n_before, n_after=len(study.trials),
                          states=states, seconds=seconds, out=None if out is None else str(out), runs=[],
                          best=None, plots={}, worker_exit_codes=exit_codes, workers=workers, threads=threads)
