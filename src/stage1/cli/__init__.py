@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "predict": "stage1.workflows.commands:predict",
     "serve": "stage1.workflows.commands:serve",
     "demo": "stage1.workflows.commands:demo",
+    "monitor": "stage1.workflows.commands:monitor",
     "finetune": "stage1.finetune.commands:finetune",
     "adapt": "stage1.finetune.commands:adapt",
 }

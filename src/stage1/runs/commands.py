@@ -107,6 +107,31 @@ def _calibrate_option(flag: str, name: str, **kwargs: Any) -> Callable[[Callable
     return declared_option(flag, name, find=_policy_param(name), owners=_policy_names, default=None, **kwargs)
 
 
+def _novelty_param(name: str) -> Callable[[], Found]:
+    def find() -> Found:
+        from stage1.policies.novelty import NoveltyScorer
+
+        return [("", NoveltyScorer.PARAMS[name])]
+
+    return find
+
+
+def _novelty_param_help(name: str) -> str:
+    found = _novelty_param(name)()
+    return f"With --novelty: {declared_help(found)} [default: {found[0][1].default}]"
+
+
+def _novelty_help() -> str:
+    from stage1.policies.novelty import NoveltyScorer
+
+    size = NoveltyScorer.PARAMS["reference_size"].default
+    return ("Also defer, before the exit rule, every image whose novelty p-value is below ALPHA_N (e.g. 0.01): "
+            "the distance of its features to their k-th nearest train features, ranked among val_calib's. Cost: "
+            "on images like val_calib at most a share ALPHA_N of coverage; images far from everything the head and "
+            f"the certificate saw are deferred. Needs the run's store; the reference (up to {size} train rows, "
+            "view 0) goes into novelty.safetensors and the bundle. [default: off]")
+
+
 # -- commands -------------------------------------------------------------------------------------------
 def _views_options(f: Any) -> Any:
     """--views and --view-seed, shared by calibrate and evaluate (declared once)."""
@@ -169,15 +194,20 @@ def train(store: str, head_name: str, run: str, params: tuple[str, ...], quiet: 
                    "per image; each level's guarantee holds for that level separately (reported in policy.json "
                    "per_level and by evaluate --views validator; export / predict use the pooled policy).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other policy parameter (repeatable).")
+@lazy_help_option("--novelty", "novelty", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+                  default=None, metavar="ALPHA_N", help_fn=lambda: _novelty_help())
+@lazy_help_option("--novelty-k", type=int, default=None, help_fn=lambda: _novelty_param_help("k"))
 def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None, delta: float | None,
               eps: float | None, threshold: float | None, target_coverage: float | None, calibrator: str | None,
               score: str, select_calibrator: str | None, params: tuple[str, ...], views: str = "clean",
-              view_seed: int | None = None, per_level: bool = False, prior: float | None = None) -> None:
+              view_seed: int | None = None, per_level: bool = False, prior: float | None = None,
+              novelty: float | None = None, novelty_k: int | None = None) -> None:
     """Fit an exit policy on the run's val_calib scores (only there) and write policy.json.
 
     When nothing can be certified (val_calib too small for alpha / delta) the policy is still
     written with certified=false, the reason and the calibration size needed; it then defers every
-    image, and the command exits 0.
+    image, and the command exits 0. With --novelty, images far from the training data are
+    deferred first (docs/monitor.md).
     """
     from stage1.runs.steps import calibrate_run
 
@@ -192,8 +222,10 @@ def calibrate(run: str, policy_name: str, risk: str | None, alpha: float | None,
     given.update(parse_params(params, "--param"))
     if "score" in given:
         raise ConfigError("set the score with --score, not --param score=...")
+    novelty_params = {} if novelty_k is None else {"k": novelty_k}
     summary = calibrate_run(run, policy_name, given, score=score, views=views,
-                            view_seed=0 if view_seed is None else view_seed, per_level=per_level)
+                            view_seed=0 if view_seed is None else view_seed, per_level=per_level,
+                            novelty=novelty, novelty_params=novelty_params)
     if not summary["certified"] and summary["guarantee"] != "none":
         click.echo(f"NOT CERTIFIED: {summary['reason']}", err=True)
     else:

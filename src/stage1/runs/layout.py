@@ -6,7 +6,8 @@ Layout (DESIGN "Artifacts"): ``config.json`` (resolved, never overwritten), ``sp
 float32, ``{split}.y`` [n] int8 with -1 = unlabelled, ``{split}.rows`` [n] int64 store rows),
 optionally (runs trained on a store that records view levels) ``{split}.view_logits`` [n, V, 2]
 float32, ``{split}.view_select`` [n, V] float32 and ``{split}.view_levels`` [n, V] int8 (every cached
-view's scores; -1 = not a validator view), ``policy.json`` (``calibrate``), ``metrics.json`` / ``metrics.csv`` / PNG plots (``evaluate``).
+view's scores; -1 = not a validator view), ``policy.json`` (``calibrate``), ``novelty.safetensors``
+(``calibrate --novelty``: reference features and val_calib novelty scores), ``metrics.json`` / ``metrics.csv`` / PNG plots (``evaluate``).
 Pure numpy + JSON: reading a run never needs torch.
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ CONFIG = "config.json"
 SPLITS = "splits.json"
 SCORES = "scores.safetensors"
 POLICY = "policy.json"
+#: the novelty scorer's arrays (``calibrate --novelty``), beside policy.json; the same name as
+#: ``policies.novelty.NOVELTY_FILE`` (kept literal so reading a run never imports the policies).
+NOVELTY = "novelty.safetensors"
 METRICS = "metrics.json"
 METRICS_CSV = "metrics.csv"
 PLOT_RISK_COVERAGE = "risk_coverage.png"
@@ -180,6 +184,16 @@ def write_policy(run: str | os.PathLike[str], policy_dict: dict[str, Any]) -> Pa
     path = Path(run) / POLICY
     atomic_write_json(path, policy_dict)
     return path
+
+
+def novelty_path(run: str | os.PathLike[str]) -> Path:
+    """Where ``calibrate --novelty`` keeps the novelty scorer's arrays."""
+    return Path(run) / NOVELTY
+
+
+def clear_novelty(run: str | os.PathLike[str]) -> None:
+    """Remove a novelty file left by an earlier ``calibrate --novelty`` (the new policy.json has none)."""
+    novelty_path(run).unlink(missing_ok=True)
 
 
 def read_policy(run: str | os.PathLike[str]) -> dict[str, Any]:

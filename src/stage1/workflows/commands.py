@@ -1,4 +1,4 @@
-"""CLI commands of the workflows package: ``sweep``, ``export``, ``predict``, ``serve``, ``demo``.
+"""CLI commands of the workflows package: ``sweep``, ``export``, ``predict``, ``serve``, ``demo``, ``monitor``.
 
 Module-level imports stay light (click, stdlib): the work is imported inside each command so
 ``stage1 --help`` never loads torch, optuna or zarr.
@@ -92,7 +92,8 @@ def export(run: str, out: str, force: bool, model_card: bool, model_name: str | 
 
     The bundle holds bundle.json (schema version, backbone reference + weights sha256 + width,
     preprocessing, head config, policy, calibration facts, sha256 of every file), head.safetensors,
-    head.json and policy.json. `predict` verifies all of it before use. With --model-card it also
+    head.json, policy.json, monitor.safetensors (the val_calib scores `monitor` ranks a stream
+    against) and, after `calibrate --novelty`, novelty.safetensors. `predict` verifies all of it before use. With --model-card it also
     holds model_card.json (validated; not hashed, so it can be edited without re-exporting).
     """
     from stage1._core.errors import ConfigError
@@ -135,7 +136,9 @@ def predict(bundle: str, images: tuple[str, ...], backbone: str | None, batch_si
     p_roadwork (in [0, 1]), decision (exit | defer), label (0 | 1 | null when deferred), pred_set,
     select_score, level and answer: the float a miner sends (p_roadwork on exit; -1 on defer with
     --on-defer abstain). An unreadable image still gets a deferred record (p_roadwork 0.5, level
-    AMBIGUOUS, answer -1) plus "error" and "reason". A bundle with a modified file, an unknown
+    AMBIGUOUS, answer -1) plus "error" and "reason". A bundle calibrated with --novelty adds
+    novelty_score, novelty_p and novelty_deferred (true when the policy would have exited but the
+    image lies too far from the training data). A bundle with a modified file, an unknown
     schema version, or a backbone of other weights or width is refused.
     """
     from stage1.workflows.predictor import Stage1Predictor, expand_inputs
@@ -231,6 +234,50 @@ def demo(backbone: str | None, images: str | None, labels: tuple[str, ...], out:
                      batch_size=batch_size, seed=seed)
     report = run_demo(cfg)
     click.echo(report)
+
+
+@command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--stream", required=True, type=click.Path(exists=True),
+              help="A folder of images (run through the bundle, in sorted name order) or a JSONL of predict "
+                   "records (in stream order, e.g. `stage1 predict` output).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="path,label CSV for the stream's images: adds the live FNR_exit and selective-error bounds.")
+@click.option("--level", type=click.FloatRange(0.0, 0.5, min_open=True), default=0.01, show_default=True,
+              help="Alarm level: P(any false alarm) <= level (martingale threshold 1/level; risk bounds at 1 - level).")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+              help="Risk level the live bounds are compared with. [default: the policy's alpha (eps for the "
+                   "selective error), else 0.1]")
+@click.option("--martingale", type=click.Choice(["simple_jumper", "power_mixture"]), default="simple_jumper",
+              show_default=True,
+              help="simple_jumper: two-sided (scores drifting up or down); power_mixture: faster on strange "
+                   "(low-confidence / novel) items, blind to the other direction.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for monitor.csv (running figures), monitor.png and monitor.json (must not exist or be empty).")
+@click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Backbone folder for an image --stream. [default: the bundle's recorded path]")
+@batch_size_option(16)
+@device_option()
+@seed_option(help="Seeds the tie-breaking uniforms of the smoothed conformal p-values.")
+def monitor(bundle: str, stream: str, labels: str | None, level: float, alpha: float | None, martingale: str,
+            out: str | None, backbone: str | None, batch_size: int, device: str, seed: int) -> None:
+    """Check that a stream is still exchangeable with BUNDLE's val_calib, and (with --labels) that its
+    live risk stays below alpha. Prints a JSON summary; with --out writes CSV, PNG and JSON.
+
+    Alarm 1 (exchangeability): a conformal test martingale over the stream's select scores (and
+    novelty scores when the bundle has a novelty scorer) passes 1/level: with probability >= 1 - level
+    this never happens while the stream is exchangeable with val_calib, so an alarm means the
+    certificate's assumption is broken. Alarm 2 (live risk): the anytime-valid lower bound of
+    FNR_exit or of the selective error passes alpha: the risk is above alpha (false with probability
+    <= level). See docs/monitor.md.
+    """
+    from stage1.workflows.monitor import run_monitor, stream_statement
+
+    result = run_monitor(bundle, stream, labels=labels, level=level, out=out, martingale=martingale, alpha=alpha,
+                         backbone=backbone, device=device, batch_size=batch_size, seed=seed)
+    for line in stream_statement(result.summary):
+        click.echo(line, err=True)
+    click.echo(json.dumps(result.summary, indent=2, allow_nan=False, default=str))
 
 
 def _plain(obj: Any) -> Any:

@@ -4,6 +4,8 @@ Images go through featstore's own decode and preprocessing with the bundle's rec
 so features match the ones the head was trained on. Bad images give an error record, never a crash.
 Every record carries ``answer``, the float a miner sends: p_roadwork when the policy exits, -1
 (abstain) for an image that could not be scored and, by default, for a deferred one (see ``answer_for``).
+A bundle calibrated with ``--novelty`` also gives ``novelty_score``, ``novelty_p`` and
+``novelty_deferred`` in every record (null / false when the image could not be scored).
 """
 from __future__ import annotations
 
@@ -96,6 +98,9 @@ class Stage1Predictor:
     give one record per image: path, p_roadwork, decision (exit | defer), label, pred_set,
     select_score, level and answer (an image that cannot be read gets a deferred record with its
     error and answer -1). ``on_defer`` ("abstain" or "answer") sets a deferred image's answer.
+    When the bundle has a novelty scorer (``calibrate --novelty``), an image whose novelty p-value
+    is below its alpha_n is deferred after the exit rule chose to exit it (``novelty_deferred``
+    true); every record then also has ``novelty_score`` and ``novelty_p``.
 
     Examples
     --------
@@ -136,7 +141,8 @@ class Stage1Predictor:
     """
 
     def __init__(self, manifest: dict[str, Any], backbone: Any, head: Any, policy: Any,
-                 bundle_dir: str | os.PathLike[str], on_defer: str = "abstain") -> None:
+                 bundle_dir: str | os.PathLike[str], on_defer: str = "abstain", novelty: Any = None,
+                 novelty_alpha: float | None = None) -> None:
         from stage1.featstore.preprocessing import Preprocessing
 
         where = str(Path(bundle_dir) / "bundle.json")
@@ -151,6 +157,11 @@ class Stage1Predictor:
         self.on_defer = check_on_defer(on_defer)
         #: how images are decoded and normalised: the spec the head's training features were made with
         self.preprocessing = prep
+        if (novelty is None) != (novelty_alpha is None):
+            raise ValueError("novelty and novelty_alpha go together")
+        #: the fitted ``policies.novelty.NoveltyScorer`` (None: no novelty deferral) and its alpha_n
+        self.novelty = novelty
+        self.novelty_alpha = None if novelty_alpha is None else float(novelty_alpha)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike[str], backbone: str | os.PathLike[str] | None = None,
@@ -176,8 +187,12 @@ class Stage1Predictor:
         head = load_head(path)
         if int(head.in_dim_) != int(bb.hidden_size):
             raise BundleError(f"{path}: head expects width {head.in_dim_}, backbone gives {bb.hidden_size}")
-        policy = policy_from_dict(read_json(Path(path) / "policy.json"), where=str(Path(path) / "policy.json"))
-        return cls(manifest, bb, head, policy, path, on_defer=on_defer)
+        policy_json = read_json(Path(path) / "policy.json")
+        policy = policy_from_dict(policy_json, where=str(Path(path) / "policy.json"))
+        novelty, alpha_n = None, None
+        if "novelty" in policy_json:
+            novelty, alpha_n = _load_novelty(path, policy_json["novelty"], int(bb.hidden_size))
+        return cls(manifest, bb, head, policy, path, on_defer=on_defer, novelty=novelty, novelty_alpha=alpha_n)
 
     # -- steps (separately callable so their cost can be measured) ----------------------------------
     def load_pixels(self, item: ImageInput) -> np.ndarray:
@@ -202,23 +217,57 @@ class Stage1Predictor:
         return self.backbone.embed(torch.from_numpy(np.ascontiguousarray(pixels))).cpu().numpy()
 
     def decide_features(self, features: np.ndarray) -> list[dict[str, Any]]:
-        """Head + policy on features [B, D]: one record per row (rows with non-finite scores get an error)."""
-        scores = self.head.predict_scores(np.asarray(features, dtype=np.float32))
+        """Head + policy (+ novelty deferral) on features [B, D]: one record per row (rows with non-finite
+        scores, or with a novelty scorer non-finite features, get an error)."""
+        feats = np.asarray(features, dtype=np.float32)
+        scores = self.head.predict_scores(feats)
         logits = np.asarray(scores["logits"], dtype=np.float64)
         ok = np.isfinite(logits).all(axis=1)
         if scores.get("select") is not None:
             ok &= np.isfinite(np.asarray(scores["select"], dtype=np.float64))
+        if self.novelty is not None:
+            ok &= np.isfinite(feats).all(axis=1)
         records = Decision.deferred(len(ok), error="non-finite head output", reason="non_finite_output").to_records()
         if ok.any():
             sub = {k: np.asarray(v)[ok] for k, v in scores.items()}
             decision = self.policy.decide(sub)
-            for i, rec in zip(np.flatnonzero(ok), decision.to_records()):
+            novel = None
+            if self.novelty is not None:
+                decision, novel = self._defer_novel(decision, feats[ok])
+            for j, (i, rec) in enumerate(zip(np.flatnonzero(ok), decision.to_records())):
                 p = rec["p_roadwork"]
                 rec["p_roadwork"] = min(1.0, max(0.0, p)) if math.isfinite(p) else 0.5
+                if novel is not None:
+                    rec.update(novelty_score=float(novel["score"][j]), novelty_p=float(novel["p"][j]),
+                               novelty_deferred=bool(novel["deferred"][j]))
                 records[i] = rec
         for rec in records:
+            self._novelty_fields(rec)
             rec["answer"] = answer_for(rec, self.on_defer)
         return records
+
+    def _defer_novel(self, decision: Decision, feats: np.ndarray) -> tuple[Decision, dict[str, np.ndarray]]:
+        """``decision`` with the exits of novel images (p-value < alpha_n) deferred; the per-row figures."""
+        from stage1.policies.novelty import defer_novel
+
+        score = self.novelty.score(feats)
+        p = self.novelty.pvalues_of_scores(score)
+        after = defer_novel(decision, p, self.novelty_alpha)
+        return after, {"score": score, "p": p, "deferred": decision.exit & ~after.exit}
+
+    def _novelty_fields(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """With a novelty scorer, give a record that has no novelty figures (it could not be scored)
+        null ones, so every record of this bundle has the same keys."""
+        if self.novelty is not None and "novelty_p" not in rec:
+            rec.update(novelty_score=None, novelty_p=None, novelty_deferred=False)
+        return rec
+
+    def failed(self, name: str, detail: str, reason: str) -> dict[str, Any]:
+        """The record of an image this bundle could not score: ``failed_record`` with this bundle's
+        novelty keys (null) so every record of one bundle has the same keys, ``answer`` (-1) last."""
+        rec = failed_record(name, detail, reason)
+        answer = rec.pop("answer")
+        return {**self._novelty_fields(rec), "answer": answer}
 
     # -- the API ---------------------------------------------------------------------------------------
     def iter_predict(self, images: Iterable[ImageInput], batch_size: int = 16) -> Iterator[dict[str, Any]]:
@@ -251,14 +300,33 @@ class Stage1Predictor:
                 pixels.append(self.load_pixels(item))
                 good.append(i)
             except bad_image as exc:
-                out[i] = failed_record(names[i], str(exc), exc.reason)
+                out[i] = self.failed(names[i], str(exc), exc.reason)
             except Exception as exc:  # never fatal: report the image and carry on
-                out[i] = failed_record(names[i], f"{type(exc).__name__}: {exc}", "unreadable")
+                out[i] = self.failed(names[i], f"{type(exc).__name__}: {exc}", "unreadable")
         if good:
             records = self.decide_features(self.embed(np.stack(pixels)))
             for i, rec in zip(good, records):
                 out[i] = {"path": names[i], **rec}
         return [r for r in out if r is not None]
+
+
+def _load_novelty(bundle: str | os.PathLike[str], entry: Any, width: int) -> tuple[Any, float]:
+    """The bundle's novelty scorer and alpha_n (policy.json["novelty"]); a BundleError when unusable."""
+    from stage1._core.errors import DataError
+    from stage1.policies.novelty import read_novelty
+
+    where = Path(bundle) / "policy.json"
+    alpha_n = entry.get("alpha_n") if isinstance(entry, dict) else None
+    if not isinstance(alpha_n, (int, float)) or isinstance(alpha_n, bool) or not 0.0 < alpha_n < 1.0:
+        raise BundleError(f"{where}: novelty must be an object with alpha_n in (0, 1); re-run calibrate --novelty and export")
+    try:
+        scorer = read_novelty(bundle, entry)
+    except DataError as exc:
+        raise BundleError(str(exc)) from None
+    if scorer.dim != width:
+        raise BundleError(f"{where}: the novelty reference has width {scorer.dim}, the backbone gives {width}; "
+                          "re-run calibrate --novelty and export")
+    return scorer, float(entry["alpha_n"])
 
 
 def failed_record(name: str, error: str, reason: str) -> dict[str, Any]:

@@ -209,9 +209,7 @@ class SidecarApp:
     def answer(self, image: bytes | None) -> tuple[dict[str, Any], bool]:
         """The record for ``image`` (None: base64 that did not decode) and whether the cache had it."""
         if image is None:
-            from stage1.workflows.predictor import failed_record
-
-            return failed_record("<request>", "the image field is not valid base64", "bad_base64"), False
+            return self.predictor.failed("<request>", "the image field is not valid base64", "bad_base64"), False
         key = hashlib.sha256(image).hexdigest()
         cached = self.cache.get(key)
         if cached is not None:
