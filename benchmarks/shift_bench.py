@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE.parent))
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from quality_data import PAIRS, TRACON, DrawSizes, cli, log, prepare_fmnist, prepare_tracon  # noqa: E402
+from quality_data import PAIRS, TRACON, DrawSizes, ensure_store, log, prepare_fmnist, prepare_tracon  # noqa: E402
 from quality_grid import within_target  # noqa: E402
 
 DELTA = 0.1
@@ -81,23 +81,9 @@ def subsample_csv(src: Path, dst: Path, rows: tuple[int, int, int, int]) -> Path
 
 def ensure_view_store(store: Path, images: Path, labels: Path, size: int, preprocess: str, views: int,
                       fractions: str | None, batch_size: int) -> dict[str, Any]:
-    """Extract (or resume / reuse) one store with ``views`` views per image, split it once; `info --json`."""
-    done = False
-    if (store / "zarr.json").exists():
-        info = json.loads(cli("info", str(store), "--json"))
-        done = info.get("committed") == info.get("rows") and info.get("complete", True)
-    if not done:
-        log(f"extract {store.name} ({size} px, {views} views, --preprocess {preprocess})")
-        t = time.perf_counter()
-        from quality_data import BACKBONE
-
-        cli("extract", "--images", str(images), "--labels", str(labels), "--backbone", str(BACKBONE),
-            "--out", str(store), "--image-size", str(size), "--batch-size", str(batch_size), "--workers", "1",
-            "--dtype", "float16", "--views", str(views), "--preprocess", preprocess, "--view-seed", "0")
-        log(f"extract {store.name}: {time.perf_counter() - t:.0f} s")
-    if not (store / "splits.json").exists():
-        cli("split", str(store), "--seed", "0", *(["--fractions", fractions] if fractions else []))
-    return json.loads(cli("info", str(store), "--json"))
+    """``quality_data.ensure_store`` with ``views`` views per image and the clean path ``preprocess``."""
+    return ensure_store(store, images, labels, size, fractions, batch_size,
+                        ("--views", str(views), "--preprocess", preprocess, "--view-seed", "0"))
 
 
 def validator_augrc(run: Path, split: str = "val_select") -> float:
@@ -228,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--views", type=int, default=4, help="Views per image (1 clean + V-1 validator views).")
     ap.add_argument("--fmnist-rows", default=",".join(map(str, FMNIST_ROWS)),
                     help="Fashion-MNIST subsample per pair: train,val_select,val_calib,test.")
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="Risk target of every policy on every dataset (default: 0.02 Fashion-MNIST, 0.10 TraCon).")
     ap.add_argument("--prepare-only", action="store_true", help="Extract the stores, then stop.")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -250,8 +238,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"delta": DELTA, "views": args.views, "fmnist_rows": rows, "stores": {}}
     for name, (ds, st) in stores.items():
         log(f"policies on {name}")
-        res = run_store(name, st, out / "runs" / name, ALPHA[ds])
-        res["alpha"] = ALPHA[ds]
+        alpha = ALPHA[ds] if args.alpha is None else args.alpha
+        res = run_store(name, st, out / "runs" / name, alpha)
+        res["alpha"] = alpha
         res["verdicts"] = verdicts(res)
         res["splits"] = json.loads((st / "splits.json").read_text())["counts"]
         results["stores"][name] = res

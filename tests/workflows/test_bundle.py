@@ -20,36 +20,9 @@ PREDICT_KEYS = {"path", "p_roadwork", "decision", "label", "pred_set", "select_s
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A calibrated run on 48 generated images through the tiny backbone (extract -> split -> train -> calibrate)."""
-    from stage1.featstore.extract import ExtractConfig, run_extract
-    from stage1.featstore.splits import write_splits
-    from stage1.runs.steps import calibrate_run, train_run
+    from workflows.tiny_bundle import make_tiny_run
 
-    root = tmp_path_factory.mktemp("bundle")
-    backbone = make_backbone_dir(root / "backbone")
-    images = root / "images"
-    images.mkdir()
-    lines = ["path,label"]
-    for i in range(48):
-        label = i % 2
-        img = make_image(1000 + i, size=(36, 30))
-        if label:  # a visible signal: a bright square
-            arr = np.asarray(img).copy()
-            arr[4:20, 4:20] = 250
-            from PIL import Image
-
-            img = Image.fromarray(arr)
-        img.save(images / f"im{i:02d}.png")
-        lines.append(f"im{i:02d}.png,{label}")
-    (images / "labels.csv").write_text("\n".join(lines) + "\n")
-    store = root / "store"
-    run_extract(ExtractConfig(images=str(images), backbone=str(backbone), out=str(store),
-                              labels=str(images / "labels.csv"), image_size=32, dtype="float32",
-                              batch_size=8, workers=0, progress=False))
-    write_splits(store, seed=0)
-    run = root / "run"
-    train_run(store, "mlp", run, {"epochs": 3, "hidden": 16, "batch_size": 8}, progress=False)
-    calibrate_run(run, "coverage", {"target_coverage": 0.5}, score="p")
-    return {"root": root, "backbone": backbone, "images": images, "store": store, "run": run}
+    return make_tiny_run(tmp_path_factory.mktemp("bundle"), n=48, seed=1000)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +41,8 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 def test_bundle_files_and_manifest(bundle: Path, trained_run: dict[str, Path]) -> None:
     from stage1._core.io import read_json, sha256_file
 
-    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "head.json", "head.safetensors", "policy.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "head.json", "head.safetensors",
+                                                        "monitor.safetensors", "policy.json"]
     m = read_json(bundle / "bundle.json")
     assert m["schema_version"] == 1
     assert m["backbone"]["hidden_size"] == 32 and len(m["backbone"]["weights_sha256"]) == 64
@@ -428,7 +402,8 @@ def test_export_os_error_is_one_line_naming_the_file(trained_run: dict[str, Path
     monkeypatch.setattr(io, "atomic_write_bytes", failing)
     res = _export(trained_run["run"], tmp_path / "b")
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
-    assert "No space left on device" in res.output and "bundle.json" in res.output
+    # the first file export writes itself (the copies use shutil) is the monitor's reference
+    assert "No space left on device" in res.output and "monitor.safetensors" in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
 

@@ -16,25 +16,24 @@ import numpy as np
 from conftest import make_backbone_dir, make_image
 
 
-def make_tiny_bundle(root: Path, coverage: float = 0.5) -> dict[str, Path]:
-    """extract -> split -> train (mlp) -> calibrate (coverage policy) -> export on 32 generated images.
+def make_tiny_run(root: Path, n: int = 32, seed: int = 2000, coverage: float = 0.5) -> dict[str, Path]:
+    """extract -> split -> train (mlp) -> calibrate (coverage policy) on ``n`` generated images.
 
-    About ``coverage`` of the images exit, the rest defer, so both answers occur. Returns the
-    ``bundle``, ``backbone``, ``run`` and ``images`` paths (labels alternate 0 / 1).
+    Labels alternate 0 / 1 (a bright square marks 1); about ``coverage`` of the images exit, the rest
+    defer, so both answers occur. Returns the ``root``, ``backbone``, ``images``, ``store`` and ``run`` paths.
     """
     from PIL import Image
 
     from stage1.featstore.extract import ExtractConfig, run_extract
     from stage1.featstore.splits import write_splits
     from stage1.runs.steps import calibrate_run, train_run
-    from stage1.workflows.bundle import export_bundle
 
     backbone = make_backbone_dir(root / "backbone")
     images = root / "images"
     images.mkdir()
     lines = ["path,label"]
-    for i in range(32):
-        img = make_image(2000 + i, size=(36, 30))
+    for i in range(n):
+        img = make_image(seed + i, size=(36, 30))
         if i % 2:  # a visible signal: a bright square
             arr = np.asarray(img).copy()
             arr[4:20, 4:20] = 250
@@ -50,8 +49,16 @@ def make_tiny_bundle(root: Path, coverage: float = 0.5) -> dict[str, Path]:
     run = root / "run"
     train_run(store, "mlp", run, {"epochs": 3, "hidden": 16, "batch_size": 8}, progress=False)
     calibrate_run(run, "coverage", {"target_coverage": coverage}, score="p")
-    bundle = export_bundle(run, root / "bundle")
-    return {"bundle": bundle, "backbone": backbone, "run": run, "images": images}
+    return {"root": root, "backbone": backbone, "images": images, "store": store, "run": run}
+
+
+def make_tiny_bundle(root: Path, coverage: float = 0.5) -> dict[str, Path]:
+    """``make_tiny_run`` on 32 images, then export; the ``bundle``, ``backbone``, ``run`` and ``images`` paths."""
+    from stage1.workflows.bundle import export_bundle
+
+    made = make_tiny_run(root, 32, 2000, coverage)
+    return {"bundle": export_bundle(made["run"], root / "bundle"), "backbone": made["backbone"],
+            "run": made["run"], "images": made["images"]}
 
 
 class Sidecar:
