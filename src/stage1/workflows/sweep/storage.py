@@ -60,6 +60,34 @@ class StorageUnavailable(EnvironmentProblem):
     """A well-formed ``--storage`` whose database cannot be reached or opened (or whose driver is missing)."""
 
 
+#: PostgreSQL drivers SQLAlchemy knows, in the order a bare ``postgresql://`` tries them when its
+#: SQLAlchemy version's default is not installed (2.0 defaults to psycopg2, 2.1 to psycopg 3).
+POSTGRES_DRIVERS = ("psycopg2", "psycopg")
+
+
+def with_installed_driver(url: str) -> str:
+    """``url`` with an explicit installed driver when it is a bare ``postgresql://`` whose default driver
+    (per SQLAlchemy version) is missing: psycopg2-binary then serves SQLAlchemy 2.1 too. Else ``url``."""
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()
+        return url
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - not a usable URL: check_storage_url says why
+        return url
+    if parsed.drivername not in ("postgresql", "postgres"):
+        return url
+    for driver in POSTGRES_DRIVERS:
+        if importlib.util.find_spec(driver) is not None:
+            return parsed.set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+    return url
+
+
 def check_storage_url(url: str) -> None:
     """ConfigError (one line, password redacted) unless ``url`` is a database URL SQLAlchemy knows and
     whose driver is installed: ``sqlite:///PATH`` or ``postgresql://user:password@host/db``."""
@@ -110,8 +138,9 @@ def make_storage(url: str) -> Any:
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    check_storage_url(url)
     shown = redact_url(url)
+    url = with_installed_driver(url)
+    check_storage_url(url)
     engine_kwargs: dict[str, Any] = {}
     sqlite = url.startswith("sqlite")
     try:
